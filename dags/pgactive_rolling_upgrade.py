@@ -1,0 +1,78 @@
+"""
+### Rolling major-version upgrade of RDS for PostgreSQL
+
+Provisions a new instance of the target major version, replicates the source into it, shifts traffic in
+phases with health checks, cuts over with a fenced, deadline-bound switch, verifies every row and sequence,
+then (when the conf says `decommission: delete`) detaches the old node and deletes it after a final snapshot.
+
+Every task can be cleared and re-run: each step first checks whether its work is already done.
+Roll back at any time with the DAG `pgactive_upgrade_rollback`. See README.md for every conf field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, TaskGroup, chain
+
+from pgactive_upgrade.airflow.operators import (
+    BuildReplicationOperator,
+    ConfigureParametersOperator,
+    CutoverOperator,
+    DecommissionSourceOperator,
+    DetachOldNodeOperator,
+    InstallExtensionOperator,
+    PreflightOperator,
+    ProvisionTargetOperator,
+    ShiftTrafficOperator,
+    ValidateRequestOperator,
+    VerifyOperator,
+    WaitForSyncSensor,
+)
+from pgactive_upgrade.airflow.params import upgrade_params
+
+with DAG(
+    dag_id="pgactive_rolling_upgrade",
+    description="Upgrade RDS PostgreSQL to a new major version with seconds of downtime",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    params=upgrade_params(),
+    tags=["postgres", "rds", "upgrade"],
+    default_args={"retries": 0},
+) as dag:
+    validate_request = ValidateRequestOperator(task_id="validate_request", execution_timeout=timedelta(seconds=30))
+    preflight = PreflightOperator(task_id="preflight", execution_timeout=timedelta(minutes=5))
+    provision_target = ProvisionTargetOperator(
+        task_id="provision_target", execution_timeout=timedelta(minutes=15), retries=2, retry_delay=timedelta(seconds=30)
+    )
+    configure_parameters = ConfigureParametersOperator(
+        task_id="configure_parameters", execution_timeout=timedelta(minutes=5), retries=2, retry_delay=timedelta(seconds=30)
+    )
+    install_extension = InstallExtensionOperator(task_id="install_extension", execution_timeout=timedelta(minutes=3))
+    with TaskGroup("init_replication_group") as init_replication_group:
+        BuildReplicationOperator(task_id="build_replication", execution_timeout=timedelta(minutes=30))
+    wait_for_sync = WaitForSyncSensor(task_id="wait_for_sync", timeout=timedelta(hours=24).total_seconds(), poll_interval=5)
+    shift_traffic = ShiftTrafficOperator(task_id="shift_traffic", execution_timeout=timedelta(minutes=10) * 20)
+    # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
+    cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
+    verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(minutes=10))
+    detach_old_node = DetachOldNodeOperator(task_id="detach_old_node", execution_timeout=timedelta(minutes=5))
+    decommission_source = DecommissionSourceOperator(task_id="decommission_source", execution_timeout=timedelta(minutes=10))
+
+    chain(
+        validate_request,
+        preflight,
+        provision_target,
+        configure_parameters,
+        install_extension,
+        init_replication_group,
+        wait_for_sync,
+        shift_traffic,
+        cutover,
+        verify,
+        detach_old_node,
+        decommission_source,
+    )

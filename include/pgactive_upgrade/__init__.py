@@ -1,0 +1,1 @@
+"""Rolling major-version upgrades of PostgreSQL with pgactive or native logical replication."""

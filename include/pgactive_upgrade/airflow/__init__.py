@@ -1,0 +1,1 @@
+"""The thin Airflow layer: operators, the deferrable sync sensor and its trigger."""

@@ -1,0 +1,391 @@
+"""The upgrade request: one JSON schema that validates conf and drives the Airflow trigger form."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
+QUALIFIED_TABLE = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$"
+RDS_IDENTIFIER = r"^(?!.*--)[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+SOURCE_INSTANCE = r"^(arn:aws[a-z-]*:rds:[a-z0-9-]+:[0-9]{12}:db:)?(?!.*--)[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+HOST_PORT = r"^[A-Za-z0-9_.-]+:[0-9]{1,5}$"
+CONN_ID = r"^[A-Za-z0-9_.-]{1,250}$"
+ENGINE_VERSION = r"^[0-9]{2}(\.[0-9]{1,2})?$"
+
+PATTERN_HINTS = {
+    IDENTIFIER: "a PostgreSQL identifier (letter or underscore first, then letters, digits, _ or $; at most 63)",
+    QUALIFIED_TABLE: "schema.table, each a plain PostgreSQL identifier",
+    RDS_IDENTIFIER: "an RDS identifier (letter first, then letters, digits and single hyphens, at most 63, no trailing hyphen)",
+    SOURCE_INSTANCE: "an RDS instance identifier or an RDS instance ARN (arn:aws:rds:REGION:ACCOUNT:db:NAME)",
+    HOST_PORT: '"host:port"',
+    CONN_ID: "an Airflow connection id (letters, digits, _ . -)",
+    ENGINE_VERSION: "a PostgreSQL major or major.minor version such as 17 or 17.2",
+}
+
+ROUTE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 255},
+        "carries_writes": {"type": "boolean"},
+    },
+}
+
+TRAFFIC_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["controller"],
+    "properties": {
+        "controller": {"type": "string", "enum": ["haproxy", "route53"]},
+        "haproxy": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["runtime_api", "routes"],
+            "properties": {
+                "runtime_api": {"type": "string", "pattern": r"^(/\S+|[A-Za-z0-9_.-]+:[0-9]{1,5})$"},
+                "routes": {"type": "array", "minItems": 1, "items": ROUTE_SCHEMA},
+                "source_server": {"type": "string", "minLength": 1},
+                "target_server": {"type": "string", "minLength": 1},
+                "set_target_address": {"type": "boolean"},
+            },
+        },
+        "route53": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["hosted_zone_id", "routes"],
+            "properties": {
+                "hosted_zone_id": {"type": "string", "pattern": r"^[A-Z0-9/a-z]+$"},
+                "ttl": {"type": "integer", "minimum": 1, "maximum": 86400},
+                "routes": {"type": "array", "minItems": 1, "items": ROUTE_SCHEMA},
+                "source_set_identifier": {"type": "string", "minLength": 1},
+                "target_set_identifier": {"type": "string", "minLength": 1},
+            },
+        },
+    },
+}
+
+DEFAULT_TRAFFIC = {
+    "controller": "haproxy",
+    "haproxy": {
+        "runtime_api": "127.0.0.1:25469",
+        "routes": [
+            {"name": "pg_write", "carries_writes": True},
+            {"name": "pg_read", "carries_writes": False},
+        ],
+        "source_server": "source",
+        "target_server": "target",
+    },
+}
+
+
+def _field(schema: dict, default: Any, title: str, description: str) -> dict:
+    return {"schema": schema, "default": default, "title": title, "description": description}
+
+
+REQUIRED = object()
+
+FIELDS: dict[str, dict] = {
+    "source_instance": _field(
+        {"type": "string", "pattern": SOURCE_INSTANCE},
+        REQUIRED,
+        "Source RDS instance",
+        "Identifier or ARN of the RDS for PostgreSQL instance to upgrade.",
+    ),
+    "target_engine_version": _field(
+        {"type": "string", "pattern": ENGINE_VERSION},
+        REQUIRED,
+        "Target engine version",
+        "PostgreSQL version of the new instance, e.g. 17.2 (major must be above the source's).",
+    ),
+    "target_instance": _field(
+        {"type": "string", "pattern": r"^$|" + RDS_IDENTIFIER},
+        "",
+        "Target instance identifier",
+        "Identifier of the new instance; empty: <source>-pg<major>.",
+    ),
+    "instance_class": _field(
+        {"type": "string", "pattern": r"^$|^db\.[a-z0-9]+\.[a-z0-9]+$"},
+        "",
+        "Instance class",
+        "Class of the new instance, e.g. db.r6g.large; empty: the source's.",
+    ),
+    "db_subnet_group": _field(
+        {"type": "string", "pattern": r"^$|^[A-Za-z0-9 ._-]{1,255}$"},
+        "",
+        "DB subnet group",
+        "Subnet group of the new instance; empty: the source's.",
+    ),
+    "security_group_ids": _field(
+        {"type": "array", "items": {"type": "string", "pattern": r"^sg-[0-9a-f]{8,17}$"}, "uniqueItems": True},
+        [],
+        "VPC security groups",
+        "Security group ids of the new instance; empty: the source's.",
+    ),
+    "replication_driver": _field(
+        {"type": "string", "enum": ["native", "pgactive"]},
+        "native",
+        "Replication driver",
+        "native: PostgreSQL logical replication (one-way, reversed at cutover). pgactive: active-active.",
+    ),
+    "include_schemas": _field(
+        {"type": "array", "items": {"type": "string", "pattern": IDENTIFIER}, "uniqueItems": True},
+        [],
+        "Include schemas",
+        "Replicate only these schemas; empty: every non-system schema.",
+    ),
+    "exclude_schemas": _field(
+        {"type": "array", "items": {"type": "string", "pattern": IDENTIFIER}, "uniqueItems": True},
+        [],
+        "Exclude schemas",
+        "Schemas left out of the upgrade.",
+    ),
+    "include_tables": _field(
+        {"type": "array", "items": {"type": "string", "pattern": QUALIFIED_TABLE}, "uniqueItems": True},
+        [],
+        "Include tables",
+        "schema.table names to replicate; empty: every table of the included schemas.",
+    ),
+    "exclude_tables": _field(
+        {"type": "array", "items": {"type": "string", "pattern": QUALIFIED_TABLE}, "uniqueItems": True},
+        [],
+        "Exclude tables",
+        "schema.table names left out of the upgrade.",
+    ),
+    "shift_percentages": _field(
+        {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100}, "maxItems": 20},
+        [10, 50],
+        "Traffic shift phases",
+        "Percent of traffic on the new instance in each phase before cutover, strictly increasing.",
+    ),
+    "phase_settle_seconds": _field(
+        {"type": "integer", "minimum": 0, "maximum": 3600},
+        60,
+        "Settle time per phase (s)",
+        "How long each phase holds its split before its health checks run.",
+    ),
+    "lag_threshold_bytes": _field(
+        {"type": "integer", "minimum": 0, "maximum": 1 << 40},
+        1 << 20,
+        "Lag threshold (bytes)",
+        "Replication counts as in sync below this many bytes of pending WAL.",
+    ),
+    "lag_escalation_minutes": _field(
+        {"type": "integer", "minimum": 1, "maximum": 1440},
+        15,
+        "Lag escalation (minutes)",
+        "Lag above the threshold for this long after sync is reported as an escalation.",
+    ),
+    "cutover_deadline_seconds": _field(
+        {"type": "integer", "minimum": 5, "maximum": 600},
+        60,
+        "Cutover deadline (s)",
+        "The cutover undoes itself if the traffic switch is not reached within this time.",
+    ),
+    "application_roles": _field(
+        {"type": "array", "items": {"type": "string", "pattern": IDENTIFIER}, "uniqueItems": True},
+        [],
+        "Application roles",
+        "Roles whose writes are fenced at cutover; empty: every login role that is not a superuser, "
+        "a replication role, an rds* role or the admin.",
+    ),
+    "traffic": _field(
+        TRAFFIC_SCHEMA,
+        DEFAULT_TRAFFIC,
+        "Traffic controller",
+        "haproxy (runtime API) or route53 (weighted CNAME records) and the routes it moves.",
+    ),
+    "decommission": _field(
+        {"type": "string", "enum": ["keep", "delete"]},
+        "keep",
+        "Old instance after cutover",
+        "keep: stays attached for rollback. delete: detach, final snapshot, delete.",
+    ),
+    "final_snapshot_id": _field(
+        {"type": "string", "pattern": r"^$|" + RDS_IDENTIFIER},
+        "",
+        "Final snapshot identifier",
+        "Snapshot taken before deletion; empty: <source>-final-<run date>.",
+    ),
+    "endpoint_overrides": _field(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": RDS_IDENTIFIER},
+            "additionalProperties": {"type": "string", "pattern": HOST_PORT},
+        },
+        {},
+        "Endpoint overrides",
+        'Instance identifier -> "host:port" to connect to instead of the RDS endpoint (tunnels, private endpoints).',
+    ),
+    "aws_conn_id": _field(
+        {"type": "string", "pattern": CONN_ID}, "pgu_aws", "AWS connection", "Airflow connection for the RDS and Route 53 APIs."
+    ),
+    "db_conn_id": _field(
+        {"type": "string", "pattern": CONN_ID},
+        "pgu_db_admin",
+        "Database admin connection",
+        "Airflow connection whose login, password and schema (database) are used on both instances.",
+    ),
+    "replication_conn_id": _field(
+        {"type": "string", "pattern": CONN_ID},
+        "pgu_replication",
+        "Replication connection",
+        "Airflow connection of the replication role (login and password only).",
+    ),
+}
+
+
+class RequestError(ValueError):
+    """Invalid upgrade request; the message names every offending field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid upgrade request: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Filters:
+    include_schemas: tuple[str, ...] = ()
+    exclude_schemas: tuple[str, ...] = ()
+    include_tables: tuple[str, ...] = ()
+    exclude_tables: tuple[str, ...] = ()
+
+    def selects(self, schema: str, table: str) -> bool:
+        qualified = f"{schema}.{table}"
+        if schema in self.exclude_schemas or qualified in self.exclude_tables:
+            return False
+        if self.include_tables:
+            return qualified in self.include_tables
+        return not self.include_schemas or schema in self.include_schemas
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    source_instance: str
+    target_engine_version: str
+    target_instance: str = ""
+    instance_class: str = ""
+    db_subnet_group: str = ""
+    security_group_ids: tuple[str, ...] = ()
+    replication_driver: str = "native"
+    filters: Filters = field(default_factory=Filters)
+    shift_percentages: tuple[int, ...] = (10, 50)
+    phase_settle_seconds: int = 60
+    lag_threshold_bytes: int = 1 << 20
+    lag_escalation_minutes: int = 15
+    cutover_deadline_seconds: int = 60
+    application_roles: tuple[str, ...] = ()
+    traffic: dict = field(default_factory=lambda: dict(DEFAULT_TRAFFIC))
+    decommission: str = "keep"
+    final_snapshot_id: str = ""
+    endpoint_overrides: dict = field(default_factory=dict)
+    aws_conn_id: str = "pgu_aws"
+    db_conn_id: str = "pgu_db_admin"
+    replication_conn_id: str = "pgu_replication"
+
+    @property
+    def source_identifier(self) -> str:
+        return self.source_instance.rsplit(":", 1)[-1]
+
+    @property
+    def target_major(self) -> int:
+        return int(self.target_engine_version.split(".")[0])
+
+
+def defaults() -> dict[str, Any]:
+    return {name: spec["default"] for name, spec in FIELDS.items() if spec["default"] is not REQUIRED}
+
+
+def validate(conf: Any) -> UpgradeRequest:
+    """Check conf against the schema and cross-field rules; raise RequestError naming each bad field."""
+    if not isinstance(conf, dict):
+        raise RequestError([f"conf: expected a JSON object, got {type(conf).__name__}"])
+    unknown = [f"{key}: unknown field (expected one of: {', '.join(FIELDS)})" for key in conf if key not in FIELDS]
+    merged = {**defaults(), **{k: v for k, v in conf.items() if k in FIELDS}}
+    problems = []
+    for name, spec in FIELDS.items():
+        if name not in merged:
+            problems.append(f"{name}: required, expected {spec['description']}")
+            continue
+        problems.extend(_schema_problems(name, merged[name], spec["schema"]))
+    if not problems:
+        problems.extend(_cross_field_problems(merged))
+    problems = unknown + problems
+    if problems:
+        raise RequestError(problems)
+    return _build(merged)
+
+
+def _schema_problems(name: str, value: Any, schema: dict) -> list[str]:
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    return [f"{_path(name, error.absolute_path)}: {_describe(error)}" for error in errors]
+
+
+def _path(name: str, parts) -> str:
+    return name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    value = repr(error.instance)
+    if len(value) > 60:
+        value = value[:57] + "..."
+    if error.validator == "pattern":
+        hint = PATTERN_HINTS.get(error.validator_value.removeprefix("^$|")) or f"the pattern {error.validator_value}"
+        return f"{value} is not valid, expected {hint}"
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        return "unknown key(s) " + ", ".join(re.findall(r"'([^']+)'", error.message.split("(", 1)[-1]))
+    return error.message
+
+
+def _cross_field_problems(conf: dict) -> list[str]:
+    problems = []
+    phases = conf["shift_percentages"]
+    if any(b <= a for a, b in zip(phases, phases[1:])):
+        problems.append(f"shift_percentages: expected strictly increasing percentages, got {phases}")
+    for kind in ("schemas", "tables"):
+        both = set(conf[f"include_{kind}"]) & set(conf[f"exclude_{kind}"])
+        if both:
+            problems.append(f"exclude_{kind}: {sorted(both)} also listed in include_{kind}")
+    excluded_schema_tables = [t for t in conf["include_tables"] if t.split(".")[0] in conf["exclude_schemas"]]
+    if excluded_schema_tables:
+        problems.append(f"include_tables: {excluded_schema_tables} lie in excluded schemas")
+    if conf["replication_driver"] == "pgactive":
+        problems.append("replication_driver: 'pgactive' is not built yet (issue #3); expected 'native'")
+    problems.extend(_traffic_problems(conf["traffic"]))
+    for key, value in conf["endpoint_overrides"].items():
+        port = int(value.rsplit(":", 1)[1])
+        if not 1 <= port <= 65535:
+            problems.append(f"endpoint_overrides.{key}: port {port} out of range 1-65535")
+    source = conf["source_instance"].rsplit(":", 1)[-1]
+    if conf["target_instance"] and conf["target_instance"] == source:
+        problems.append("target_instance: must differ from the source instance")
+    return problems
+
+
+def _traffic_problems(traffic: dict) -> list[str]:
+    controller = traffic["controller"]
+    settings = traffic.get(controller)
+    if settings is None:
+        return [f"traffic.{controller}: required when traffic.controller is {controller!r}"]
+    names = [route["name"] for route in settings["routes"]]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        return [f"traffic.{controller}.routes: duplicate route names {duplicates}"]
+    if not any(route.get("carries_writes", True) for route in settings["routes"]):
+        return [f"traffic.{controller}.routes: expected at least one route that carries writes"]
+    return []
+
+
+def _build(conf: dict) -> UpgradeRequest:
+    filters = Filters(**{k: tuple(conf.pop(k)) for k in ("include_schemas", "exclude_schemas", "include_tables", "exclude_tables")})
+    tuples = {k: tuple(conf[k]) for k in ("security_group_ids", "shift_percentages", "application_roles")}
+    return UpgradeRequest(**{**conf, **tuples, "filters": filters})
+
+
+def slug(text: str) -> str:
+    """A lower-case identifier fragment derived from an RDS identifier, stable across runs."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]

@@ -1,0 +1,118 @@
+"""Cutover in one step with a hard deadline: fence, catch up, sequences, switch, unfence.
+
+Any failure before the switch undoes the fence and restores the previous split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pgactive_upgrade import fencing, sequences
+from pgactive_upgrade.catalog import Sequence
+from pgactive_upgrade.db import Credentials, Endpoint, connected
+from pgactive_upgrade.events import emit
+from pgactive_upgrade.replication.base import ReplicationDriver
+from pgactive_upgrade.traffic.base import TrafficController
+
+
+class CutoverError(RuntimeError):
+    pass
+
+
+@dataclass
+class Cutover:
+    driver: ReplicationDriver
+    controller: TrafficController
+    source: Endpoint
+    target: Endpoint
+    admin: Credentials = field(repr=False)
+    roles: list[str]
+    sequences: list[Sequence]
+    deadline_seconds: float
+    token: str
+    poll_seconds: float = 0.005
+    timings_ms: dict = field(default_factory=dict)
+
+    def run(self) -> dict:
+        if self.driver.cut_over_already():
+            return self._finish_already_done()
+        started = time.monotonic()
+        previous = self.controller.read_split()
+        with connected(self.source, self.admin) as source, connected(self.target, self.admin) as target:
+            fenced_at = time.monotonic()
+            try:
+                ended = self._step("fence", fencing.fence, source, self.source.dbname, self.roles)
+                self._step("marker_written", self.driver.write_marker, source, self.token)
+                self._step("caught_up", self._wait_for_marker, target, started)
+                moved = self._step("sequences", sequences.move_forward, source, target, self.sequences)
+                self._step("reverse_prepared", self.driver.prepare_reverse)
+                self._check_deadline(started, "before the traffic switch")
+                self._step("switched", self._switch_all)
+            except Exception as error:
+                self._undo(source, previous)
+                raise CutoverError(
+                    f"cutover failed after {self._ms(started)} ms at step after {list(self.timings_ms)[-1:] or ['start']}: "
+                    f"{error}; source unfenced and split restored to {previous}"
+                ) from error
+            self._step("target_unfenced", fencing.unfence, target, self.target.dbname, self.roles)
+            unavailable_ms = self._ms(fenced_at)
+        reverse = self._step("reverse_started", self.driver.after_switch)
+        result = {
+            "write_unavailable_ms": unavailable_ms,
+            "total_ms": self._ms(started),
+            "sessions_ended": ended,
+            "sequences_moved": len(moved),
+            "roles_fenced": self.roles,
+            "split": self.controller.read_split(),
+            "steps_ms": self.timings_ms,
+            "replication": reverse,
+        }
+        emit("cutover_done", write_unavailable_ms=unavailable_ms, sequences_moved=len(moved), sessions_ended=ended)
+        return result
+
+    def _step(self, name: str, function, *args):
+        began = time.monotonic()
+        result = function(*args)
+        self.timings_ms[name] = self._ms(began)
+        return result
+
+    @staticmethod
+    def _ms(since: float) -> float:
+        return round((time.monotonic() - since) * 1000, 1)
+
+    def _check_deadline(self, started: float, where: str) -> None:
+        if time.monotonic() - started > self.deadline_seconds:
+            raise CutoverError(f"deadline of {self.deadline_seconds} s passed {where}")
+
+    def _wait_for_marker(self, target, started: float) -> None:
+        while not self.driver.has_marker(target, self.token):
+            self._check_deadline(started, "while waiting for the target to catch up")
+            time.sleep(self.poll_seconds)
+
+    def _switch_all(self) -> None:
+        self.controller.set_target_percent(100)
+        close = getattr(self.controller, "close_source_sessions", None)
+        if close:
+            close([route.name for route in self.controller.routes])
+
+    def _undo(self, source, previous: dict[str, int]) -> None:
+        self.driver.abort_cutover()
+        fencing.unfence(source, self.source.dbname, self.roles)
+        restore_split(self.controller, previous)
+        emit("cutover_undone", split=previous)
+
+    def _finish_already_done(self) -> dict:
+        self.controller.set_target_percent(100)
+        with connected(self.target, self.admin) as target:
+            fencing.unfence(target, self.target.dbname, self.roles)
+        emit("cutover_already_done")
+        return {"already_done": True, "split": self.controller.read_split()}
+
+
+def restore_split(controller: TrafficController, split: dict[str, int]) -> None:
+    by_percent: dict[int, list[str]] = {}
+    for route, percent in split.items():
+        by_percent.setdefault(percent, []).append(route)
+    for percent, routes in by_percent.items():
+        controller.set_target_percent(percent, routes)

@@ -1,0 +1,35 @@
+"""Structured JSON event lines, each under 500 bytes, for the run history and log search."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import structlog
+
+MAX_EVENT_BYTES = 500
+_log = structlog.get_logger("pgactive_upgrade")
+
+
+def emit(event: str, level: int = logging.INFO, **fields: Any) -> dict[str, Any]:
+    """Log one event; oversize values are shortened so the JSON line stays under MAX_EVENT_BYTES."""
+    fields = {key: _jsonable(value) for key, value in fields.items()}
+    while len(json.dumps({"event": event, **fields})) > MAX_EVENT_BYTES - 120 and fields:
+        key = max(fields, key=lambda k: len(json.dumps(fields[k])))
+        text = json.dumps(fields[key])
+        if len(text) <= 24:
+            break
+        fields[key] = text[: max(16, len(text) // 2)] + "..."
+    _log.log(level, event, **fields)
+    return fields
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    return str(value)

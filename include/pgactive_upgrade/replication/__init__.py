@@ -1,0 +1,21 @@
+"""Replication drivers behind one interface."""
+
+from __future__ import annotations
+
+from pgactive_upgrade.replication.base import Lag, Link, Node, ReplicationDriver, ReplicationError
+from pgactive_upgrade.replication.native import NativeDriver
+
+DRIVERS: dict[str, type[ReplicationDriver]] = {"native": NativeDriver}
+NOT_BUILT = {"pgactive": "the pgactive driver is not built yet (tracked in issue #3); use replication_driver 'native'"}
+
+
+def driver_for(name: str, link: Link) -> ReplicationDriver:
+    if name in NOT_BUILT:
+        raise NotImplementedError(NOT_BUILT[name])
+    try:
+        return DRIVERS[name](link)
+    except KeyError:
+        raise ValueError(f"replication_driver: unknown driver {name!r}, expected one of {sorted(DRIVERS)}") from None
+
+
+__all__ = ["Lag", "Link", "Node", "ReplicationDriver", "ReplicationError", "driver_for", "NOT_BUILT"]

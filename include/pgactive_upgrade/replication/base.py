@@ -1,0 +1,117 @@
+"""The replication driver interface: what the DAG asks of any way of replicating old -> new."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from psycopg2 import sql
+
+from pgactive_upgrade.catalog import META_SCHEMA, Table
+from pgactive_upgrade.config import slug
+from pgactive_upgrade.db import Credentials, Endpoint, connected, execute, qualified, query
+
+MARKER_TABLE = "cutover_marker"
+
+
+class ReplicationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Node:
+    identifier: str
+    endpoint: Endpoint
+    peer_endpoint: Endpoint  # how the other database server reaches this one
+
+
+@dataclass(frozen=True)
+class Link:
+    source: Node
+    target: Node
+    admin: Credentials = field(repr=False)
+    replication: Credentials = field(repr=False)
+    tables: tuple[Table, ...]
+    filters_args: tuple[str, ...] = ()  # pg_dump selection switches
+
+    @property
+    def key(self) -> str:
+        return "pgu_" + slug(self.source.identifier)
+
+
+@dataclass(frozen=True)
+class Lag:
+    bytes: int | None  # None: unknown, which counts as unhealthy
+    synced: bool
+    detail: dict
+
+    def within(self, threshold: int) -> bool:
+        return self.synced and self.bytes is not None and self.bytes <= threshold
+
+
+class ReplicationDriver(ABC):
+    name: ClassVar[str]
+    active_active: ClassVar[bool]
+
+    def __init__(self, link: Link):
+        self.link = link
+
+    def source(self):
+        return connected(self.link.source.endpoint, self.link.admin)
+
+    def target(self):
+        return connected(self.link.target.endpoint, self.link.admin)
+
+    @abstractmethod
+    def install(self) -> dict:
+        """Prepare both nodes (extension, helper objects); idempotent."""
+
+    @abstractmethod
+    def build(self) -> dict:
+        """Copy the schema and start replicating source -> target; idempotent."""
+
+    @abstractmethod
+    def lag(self) -> Lag:
+        """Bytes still to replicate towards the node that does not take writes yet."""
+
+    @abstractmethod
+    def prepare_reverse(self) -> None:
+        """Inside the write fence, before traffic switches: capture every later write on the target."""
+
+    @abstractmethod
+    def after_switch(self) -> dict:
+        """After traffic switched: replicate target -> source so a rollback loses nothing."""
+
+    @abstractmethod
+    def abort_cutover(self) -> None:
+        """Undo prepare_reverse when a cutover fails before the switch."""
+
+    @abstractmethod
+    def detach(self) -> dict:
+        """Stop replicating between the nodes and remove the driver's objects; idempotent."""
+
+    def problems(self) -> list[str]:
+        """Health problems of the replication right now; empty when healthy."""
+        lag = self.lag()
+        return [] if lag.bytes is not None else [f"replication lag unknown: {lag.detail}"]
+
+    def ensure_marker_table(self, connection) -> None:
+        execute(connection, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(META_SCHEMA)))
+        execute(
+            connection,
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} (token text PRIMARY KEY, written_at timestamptz DEFAULT now())").format(
+                qualified(META_SCHEMA, MARKER_TABLE)
+            ),
+        )
+
+    def write_marker(self, connection, token: str) -> None:
+        execute(
+            connection,
+            sql.SQL("INSERT INTO {} (token) VALUES (%s) ON CONFLICT DO NOTHING").format(qualified(META_SCHEMA, MARKER_TABLE)),
+            (token,),
+        )
+
+    def has_marker(self, connection, token: str) -> bool:
+        statement = sql.SQL("SELECT 1 FROM {} WHERE token = %s").format(qualified(META_SCHEMA, MARKER_TABLE))
+        return bool(query(connection, statement, (token,)))

@@ -1,0 +1,227 @@
+"""PostgreSQL's own logical replication: forward until cutover, reverse after it.
+
+Bidirectional native replication needs origin filtering on both sides (16+), so with an older source the
+target stays read-only for applications until cutover, and the reverse direction starts inside the fence.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+from psycopg2 import sql
+
+from pgactive_upgrade.catalog import META_SCHEMA, missing_tables, user_tables
+from pgactive_upgrade.db import conninfo, execute, qualified, query, server_major
+from pgactive_upgrade.events import emit
+from pgactive_upgrade.replication.base import MARKER_TABLE, Lag, ReplicationDriver, ReplicationError
+from pgactive_upgrade.tools import find_program
+
+
+class NativeDriver(ReplicationDriver):
+    name = "native"
+    active_active = False
+
+    @property
+    def forward(self) -> str:
+        return f"{self.link.key}_fwd"
+
+    @property
+    def reverse(self) -> str:
+        return f"{self.link.key}_rev"
+
+    def _published(self):
+        tables = [qualified(t.schema, t.name) for t in self.link.tables]
+        return tables + [qualified(META_SCHEMA, MARKER_TABLE)]
+
+    def install(self) -> dict:
+        with self.source() as source:
+            if query(source, "SHOW wal_level")[0][0] != "logical":
+                raise ReplicationError(f"{self.link.source.identifier}: wal_level must be 'logical' (set rds.logical_replication=1)")
+            self.ensure_marker_table(source)
+            self._grant_select(source)
+        return {"marker_table": f"{META_SCHEMA}.{MARKER_TABLE}"}
+
+    def _grant_select(self, connection) -> None:
+        execute(
+            connection,
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                sql.SQL(", ").join(sql.Identifier(s) for s in sorted({t.schema for t in self.link.tables} | {META_SCHEMA})),
+                sql.Identifier(self.link.replication.user),
+            ),
+        )
+        execute(
+            connection,
+            sql.SQL("GRANT SELECT ON {} TO {}").format(
+                sql.SQL(", ").join(self._published()), sql.Identifier(self.link.replication.user)
+            ),
+        )
+
+    def build(self) -> dict:
+        copied = self.copy_schema()
+        with self.source() as source:
+            self._ensure_publication(source, self.link.key)
+        with self.target() as target:
+            created = self._ensure_subscription(
+                target, self.forward, self.link.source, self.link.key, copy_data=True, create_slot=True
+            )
+        return {"schema_copied": copied, "publication": self.link.key, "subscription": self.forward, "created": created}
+
+    def copy_schema(self) -> bool:
+        """Restore the source's schema on the target, unless the target already holds every table."""
+        expected = list(self.link.tables)
+        with self.target() as target:
+            missing = missing_tables(target, expected)
+            if not missing and not self._marker_missing(target):
+                return False
+            present = user_tables(target)
+            if present:
+                raise ReplicationError(
+                    f"{self.link.target.identifier}: target database is neither empty nor a complete copy; "
+                    f"missing {missing[:10]}, present {present[:10]}. Drop the partial schema and run the step again."
+                )
+            major = server_major(target)
+        self._dump_and_restore(major)
+        return True
+
+    def _marker_missing(self, target) -> bool:
+        return not query(target, "SELECT to_regclass(%s)", (f"{META_SCHEMA}.{MARKER_TABLE}",))[0][0]
+
+    def _dump_and_restore(self, major: int) -> None:
+        pg_dump, psql = find_program("pg_dump", major), find_program("psql", major)
+        env = {**os.environ, "PGPASSWORD": self.link.admin.password, "PGAPPNAME": "pgactive_upgrade"}
+        with tempfile.NamedTemporaryFile(suffix=".sql") as dump:
+            source = self.link.source.endpoint
+            self._run(
+                [str(pg_dump), "--schema-only", "--no-publications", "--no-subscriptions", "-f", dump.name,
+                 "-h", source.host, "-p", str(source.port), "-U", self.link.admin.user, *self.link.filters_args, source.dbname],
+                env,
+                "pg_dump of the source schema",
+            )
+            target = self.link.target.endpoint
+            self._run(
+                [str(psql), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f", dump.name,
+                 "-h", target.host, "-p", str(target.port), "-U", self.link.admin.user, target.dbname],
+                env,
+                "restore of the schema on the target",
+            )
+        emit("schema_copied", tables=len(self.link.tables), pg_dump=str(pg_dump))
+
+    @staticmethod
+    def _run(command: list[str], env: dict, what: str) -> None:
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ReplicationError(f"{what} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
+
+    def _ensure_publication(self, connection, name: str) -> None:
+        exists = query(connection, "SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+        verb = "ALTER PUBLICATION {} SET TABLE {}" if exists else "CREATE PUBLICATION {} FOR TABLE {}"
+        execute(connection, sql.SQL(verb).format(sql.Identifier(name), sql.SQL(", ").join(self._published())))
+
+    def _ensure_subscription(self, connection, name, publisher, publication, *, copy_data, create_slot) -> bool:
+        if query(connection, "SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)):
+            return False
+        options = sql.SQL("copy_data = {}, create_slot = {}, slot_name = {}").format(
+            sql.Literal(copy_data), sql.Literal(create_slot), sql.Literal(name)
+        )
+        execute(
+            connection,
+            sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})").format(
+                sql.Identifier(name),
+                sql.Literal(conninfo(publisher.peer_endpoint, self.link.replication)),
+                sql.Identifier(publication),
+                options,
+            ),
+        )
+        return True
+
+    def lag(self) -> Lag:
+        with self.target() as target:
+            direction = self.forward if self._subscribed(target, self.forward) else None
+        if direction is None:
+            return self._reverse_lag()
+        with self.source() as source, self.target() as target:
+            slot_lag = self._slot_lag(source, self.forward)
+            pending = query(
+                target,
+                "SELECT count(*) FILTER (WHERE r.srsubstate <> 'r'), count(*) FROM pg_subscription_rel r "
+                "JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = %s",
+                (self.forward,),
+            )[0]
+            worker = query(target, "SELECT pid IS NOT NULL FROM pg_stat_subscription WHERE subname = %s AND relid IS NULL", (self.forward,))
+        running = bool(worker and worker[0][0])
+        detail = {"direction": "forward", "tables_syncing": pending[0], "tables": pending[1], "apply_running": running}
+        return Lag(slot_lag, synced=pending[0] == 0 and running and slot_lag is not None, detail=detail)
+
+    def _reverse_lag(self) -> Lag:
+        with self.target() as target:
+            slot_lag = self._slot_lag(target, self.reverse)
+        return Lag(slot_lag, synced=slot_lag is not None, detail={"direction": "reverse"})
+
+    @staticmethod
+    def _subscribed(connection, name: str) -> bool:
+        return bool(query(connection, "SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)))
+
+    @staticmethod
+    def _slot_lag(connection, slot: str) -> int | None:
+        rows = query(
+            connection,
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (slot,),
+        )
+        return max(0, rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def prepare_reverse(self) -> None:
+        with self.target() as target:
+            self._grant_select(target)
+            self._ensure_publication(target, self.reverse)
+            if not query(target, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)):
+                query(target, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.reverse,))
+
+    def after_switch(self) -> dict:
+        with self.target() as target:
+            self._drop_subscription(target, self.forward)
+        with self.source() as source:
+            created = self._ensure_subscription(
+                source, self.reverse, self.link.target, self.reverse, copy_data=False, create_slot=False
+            )
+        return {"forward_dropped": self.forward, "reverse_subscription": self.reverse, "created": created}
+
+    def abort_cutover(self) -> None:
+        with self.target() as target:
+            query(
+                target,
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s AND NOT active",
+                (self.reverse,),
+            )
+            execute(target, sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.reverse)))
+
+    @staticmethod
+    def _drop_subscription(connection, name: str) -> None:
+        if query(connection, "SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)):
+            execute(connection, sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(name)))
+
+    def detach(self) -> dict:
+        with self.source() as source:
+            self._drop_subscription(source, self.reverse)
+            execute(source, sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.link.key)))
+            self._drop_slot(source, self.forward)
+        with self.target() as target:
+            self._drop_subscription(target, self.forward)
+            execute(target, sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.reverse)))
+            self._drop_slot(target, self.reverse)
+        return {"detached": self.link.source.identifier}
+
+    @staticmethod
+    def _drop_slot(connection, slot: str) -> None:
+        query(
+            connection,
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s AND NOT active",
+            (slot,),
+        )
+
+    def cut_over_already(self) -> bool:
+        with self.source() as source:
+            return self._subscribed(source, self.reverse)

@@ -1,0 +1,302 @@
+"""One upgrade, step by step: each method is one DAG task, idempotent, plain Python."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from pgactive_upgrade import catalog, fencing, rds, sequences, verify
+from pgactive_upgrade.config import UpgradeRequest
+from pgactive_upgrade.cutover import Cutover
+from pgactive_upgrade.db import Credentials, Endpoint, connected, override_endpoint, query, server_major
+from pgactive_upgrade.events import emit
+from pgactive_upgrade.replication import Lag, Link, Node, ReplicationDriver, driver_for
+from pgactive_upgrade.tools import find_program
+from pgactive_upgrade.traffic import build_controller
+from pgactive_upgrade.traffic.base import TrafficController
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+@dataclass
+class Upgrade:
+    request: UpgradeRequest
+    rds_client: object
+    admin: Credentials = field(repr=False)
+    replication: Credentials = field(repr=False)
+    dbname: str = "postgres"
+    route53_client: object | None = None
+
+    # --- what the upgrade acts on -------------------------------------------------------------
+    @cached_property
+    def source(self) -> rds.InstanceInfo:
+        return rds.resolve_source(self.rds_client, self.request.source_instance)
+
+    @property
+    def target_id(self) -> str:
+        return self.request.target_instance or rds.target_identifier(self.source.identifier, self.request.target_major)
+
+    @property
+    def parameter_group(self) -> str:
+        return f"{self.target_id}-{self.request.replication_driver}"
+
+    def target(self) -> rds.InstanceInfo:
+        info = rds.describe_instance(self.rds_client, self.target_id)
+        if info is None:
+            raise rds.RdsError(f"{self.target_id}: target instance does not exist yet (run provision_target)")
+        return info
+
+    def endpoint(self, info: rds.InstanceInfo) -> Endpoint:
+        host, port = override_endpoint(info.identifier, info.endpoint_host, info.endpoint_port, self.request.endpoint_overrides)
+        return Endpoint(host, port, self.dbname)
+
+    def tables(self) -> list[catalog.Table]:
+        with connected(self.endpoint(self.source), self.admin) as connection:
+            return catalog.tables(connection, self.request.filters)
+
+    def link(self) -> Link:
+        source, target = self.endpoint(self.source), self.endpoint(self.target())
+        return Link(
+            source=Node(self.source.identifier, source, source),
+            target=Node(self.target_id, target, target),
+            admin=self.admin,
+            replication=self.replication,
+            tables=tuple(self.tables()),
+            filters_args=tuple(self._dump_filter_args()),
+        )
+
+    def _dump_filter_args(self) -> list[str]:
+        f = self.request.filters
+        args = [f"--schema={s}" for s in f.include_schemas] + [f"--exclude-schema={s}" for s in f.exclude_schemas]
+        args += [f"--table={t}" for t in f.include_tables] + [f"--exclude-table={t}" for t in f.exclude_tables]
+        if f.include_schemas or f.include_tables:
+            args.append(f"--schema={catalog.META_SCHEMA}")
+        return args
+
+    def driver(self) -> ReplicationDriver:
+        return driver_for(self.request.replication_driver, self.link())
+
+    def controller(self, target: rds.InstanceInfo | None = None) -> TrafficController:
+        target = target or rds.describe_instance(self.rds_client, self.target_id)
+        target_address = self._address(target) if target else self._address(self.source)
+        return build_controller(
+            self.request.traffic,
+            source_endpoint=self._address(self.source),
+            target_endpoint=target_address,
+            route53_client=self.route53_client,
+        )
+
+    def _address(self, info: rds.InstanceInfo) -> tuple[str, int]:
+        if self.request.traffic["controller"] == "route53":
+            return info.endpoint_host, info.endpoint_port
+        endpoint = self.endpoint(info)
+        return endpoint.host, endpoint.port
+
+    def application_roles(self, connection) -> list[str]:
+        exclude = (self.admin.user, self.replication.user)
+        return fencing.application_roles(connection, self.request.application_roles, exclude)
+
+    # --- steps ---------------------------------------------------------------------------------
+    def preflight(self) -> dict:
+        """Everything that can be checked before anything changes; raises PreflightError naming each problem."""
+        problems = []
+        source = self.source
+        if source.major >= self.request.target_major:
+            problems.append(
+                f"target_engine_version: {self.request.target_engine_version} is not a newer major than the source's {source.engine_version}"
+            )
+        with connected(self.endpoint(source), self.admin) as connection:
+            tables = catalog.tables(connection, self.request.filters)
+            problems += self._table_problems(tables)
+            problems += self._replication_role_problems(connection)
+            if query(connection, "SHOW wal_level")[0][0] != "logical":
+                problems.append(f"{source.identifier}: wal_level is not 'logical'; set rds.logical_replication=1 and reboot the source")
+            roles = self.application_roles(connection)
+        try:
+            find_program("pg_dump", self.request.target_major)
+        except Exception as error:
+            problems.append(str(error))
+        split = self._read_split(problems)
+        if problems:
+            raise PreflightError("preflight failed: " + "; ".join(problems))
+        result = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(tables),
+                  "application_roles": roles, "split": split}
+        emit("preflight_passed", **result)
+        return result
+
+    def _table_problems(self, tables: list[catalog.Table]) -> list[str]:
+        if not tables:
+            return ["include_schemas/include_tables: the filters select no table on the source"]
+        missing = [t.qualified_name for t in self.request.filters.include_tables
+                   if t not in {x.qualified_name for x in tables}] if self.request.filters.include_tables else []
+        problems = [f"include_tables: not found on the source: {missing}"] if missing else []
+        no_pk = [t.qualified_name for t in tables if not t.primary_key]
+        if no_pk:
+            problems.append(
+                f"tables without a primary key cannot be replicated safely: {', '.join(no_pk)} "
+                "(add a primary key or leave them out with exclude_tables / exclude_schemas)"
+            )
+        return problems
+
+    def _replication_role_problems(self, connection) -> list[str]:
+        rows = query(
+            connection,
+            "SELECT r.rolreplication OR EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+            "WHERE m.member = r.oid AND g.rolname = 'rds_replication') FROM pg_roles r WHERE r.rolname = %s",
+            (self.replication.user,),
+        )
+        if not rows:
+            return [f"replication_conn_id: role {self.replication.user!r} does not exist on the source"]
+        if not rows[0][0]:
+            return [f"replication_conn_id: role {self.replication.user!r} lacks REPLICATION (or rds_replication)"]
+        return []
+
+    def _read_split(self, problems: list[str]) -> dict:
+        try:
+            return self.controller().read_split()
+        except Exception as error:
+            problems.append(f"traffic: cannot read the current split: {error}")
+            return {}
+
+    def provision_target(self) -> dict:
+        family = rds.parameter_group_family(self.request.target_engine_version)
+        rds.ensure_parameter_group(
+            self.rds_client, self.parameter_group, family,
+            f"pgactive-upgrade of {self.source.identifier}", rds.pgactive_parameters(self.request.replication_driver),
+        )
+        info = rds.ensure_target_instance(
+            self.rds_client,
+            source=self.source,
+            target_id=self.target_id,
+            engine_version=self.request.target_engine_version,
+            parameter_group=self.parameter_group,
+            instance_class=self.request.instance_class or None,
+            db_subnet_group=self.request.db_subnet_group or None,
+            security_group_ids=list(self.request.security_group_ids) or None,
+            master_password=self.admin.password,
+            tags={"pgactive-upgrade:source": self.source.identifier},
+        )
+        emit("target_provisioned", target=info.identifier, status=info.status, instance_class=info.instance_class)
+        return {"target": info.identifier, "status": info.status, "parameter_group": self.parameter_group}
+
+    def configure_parameters(self) -> dict:
+        family = rds.parameter_group_family(self.request.target_engine_version)
+        changed = rds.ensure_parameter_group(
+            self.rds_client, self.parameter_group, family,
+            f"pgactive-upgrade of {self.source.identifier}", rds.pgactive_parameters(self.request.replication_driver),
+        )
+        attached = rds.ensure_parameter_group_attached(self.rds_client, self.target_id, self.parameter_group)
+        info = rds.wait_available(self.rds_client, self.target_id)
+        rebooted = changed or attached or rds.needs_reboot(info)
+        if rebooted:
+            info = rds.reboot_and_wait(self.rds_client, self.target_id)
+        emit("parameters_applied", target=self.target_id, rebooted=rebooted)
+        return {"parameter_group": self.parameter_group, "rebooted": rebooted}
+
+    def install(self) -> dict:
+        with connected(self.endpoint(self.target()), self.admin) as connection:
+            major = server_major(connection)
+        if major != self.request.target_major:
+            raise PreflightError(f"{self.target_id}: server answers as PostgreSQL {major}, expected {self.request.target_major}")
+        return self.driver().install()
+
+    def build_group(self) -> dict:
+        driver = self.driver()
+        result = driver.build()
+        if not driver.active_active:
+            target = self.endpoint(self.target())
+            with connected(target, self.admin) as connection:
+                fencing.fence(connection, target.dbname, self.application_roles(connection))
+        emit("replication_started", **{k: v for k, v in result.items() if k != "created"})
+        return result
+
+    def lag(self) -> Lag:
+        return self.driver().lag()
+
+    def shift(self, percent: int) -> dict:
+        driver, controller = self.driver(), self.controller()
+        routes = [r.name for r in controller.routes if driver.active_active or not r.carries_writes]
+        if not routes:
+            emit("phase_skipped", percent=percent, reason="one-way replication: writes move only at cutover")
+            return {"percent": percent, "routes": [], "split": controller.read_split()}
+        split = controller.set_target_percent(percent, routes)
+        emit("phase_shifted", percent=percent, routes=routes, split=split)
+        return {"percent": percent, "routes": routes, "split": split}
+
+    def health_problems(self) -> list[str]:
+        driver = self.driver()
+        problems = driver.problems()
+        lag = driver.lag()
+        if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
+            problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
+        started = time.monotonic()
+        try:
+            with connected(self.endpoint(self.target()), self.admin, connect_timeout=5) as connection:
+                query(connection, "SELECT 1")
+        except Exception as error:
+            problems.append(f"target does not answer: {type(error).__name__}")
+        emit("health_checked", problems=len(problems), probe_ms=round((time.monotonic() - started) * 1000, 1))
+        return problems
+
+    def cutover(self, token: str) -> dict:
+        driver, target = self.driver(), self.target()
+        source_endpoint = self.endpoint(self.source)
+        with connected(source_endpoint, self.admin) as connection:
+            roles = self.application_roles(connection)
+            seqs = catalog.sequences(connection, self.request.filters)
+        return Cutover(
+            driver=driver,
+            controller=self.controller(target),
+            source=source_endpoint,
+            target=self.endpoint(target),
+            admin=self.admin,
+            roles=roles,
+            sequences=seqs,
+            deadline_seconds=self.request.cutover_deadline_seconds,
+            token=token,
+        ).run()
+
+    def verify(self, attempts: int = 10, pause: float = 1.0) -> dict:
+        """Rows and sequences equal on both sides; retried briefly while the reverse replication catches up."""
+        tables = self.tables()
+        for attempt in range(1, attempts + 1):
+            with connected(self.endpoint(self.source), self.admin) as source, connected(
+                self.endpoint(self.target()), self.admin
+            ) as target:
+                digests, differences = verify.compare(source, target, tables)
+                seqs = catalog.sequences(source, self.request.filters)
+                behind = sequences.differences(source, target, seqs)
+            if not differences and not behind:
+                rows = sum(d.rows for d in digests.values())
+                emit("verified", tables=len(digests), rows=rows, sequences=len(seqs), attempt=attempt)
+                return {"tables": len(digests), "rows": rows, "sequences": len(seqs),
+                        "checksums": {name: d.checksum for name, d in digests.items()}}
+            time.sleep(pause)
+        raise verify_error(differences, behind)
+
+    def detach(self) -> dict:
+        if self.request.decommission != "delete":
+            emit("detach_skipped", reason="decommission is 'keep': the old node stays attached for rollback")
+            return {"skipped": True}
+        if rds.describe_instance(self.rds_client, self.request.source_instance) is None:
+            return {"detached": self.request.source_identifier, "already": True}
+        result = self.driver().detach()
+        emit("old_node_detached", source=self.request.source_identifier)
+        return result
+
+    def decommission(self, snapshot_id: str) -> dict:
+        if self.request.decommission != "delete":
+            emit("decommission_skipped", reason="decommission is 'keep'", source=self.request.source_identifier)
+            return {"skipped": True, "source": self.request.source_identifier}
+        result = rds.decommission(self.rds_client, self.request.source_identifier, final_snapshot_id=snapshot_id)
+        emit("source_decommissioned", source=self.request.source_identifier, snapshot=snapshot_id)
+        return result
+
+
+def verify_error(differences: dict, behind: dict) -> RuntimeError:
+    parts = [f"{name}: source {a.rows} rows/{a.checksum[:8]}, target {b.rows} rows/{b.checksum[:8]}" for name, (a, b) in differences.items()]
+    parts += [f"sequence {name}: source {a}, target {b}" for name, (a, b) in behind.items()]
+    return RuntimeError("verification failed: " + "; ".join(parts))
