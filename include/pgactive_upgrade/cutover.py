@@ -47,16 +47,19 @@ class Cutover:
                 self._step("caught_up", self._wait_for_marker, target, started)
                 moved = self._step("sequences", sequences.move_forward, source, target, self.sequences)
                 self._step("reverse_prepared", self.driver.prepare_reverse)
+                # Before the switch: a session opened on a fenced database keeps its read-only default.
+                self._step("target_unfenced", fencing.unfence, target, self.target.dbname, self.roles)
                 self._check_deadline(started, "before the traffic switch")
                 self._step("switched", self._switch_all)
             except Exception as error:
-                self._undo(source, previous)
+                self._undo(source, target, previous)
                 raise CutoverError(
-                    f"cutover failed after {self._ms(started)} ms at step after {list(self.timings_ms)[-1:] or ['start']}: "
+                    f"cutover failed after {self._ms(started)} ms (steps done: {list(self.timings_ms)}): "
                     f"{error}; source unfenced and split restored to {previous}"
                 ) from error
-            self._step("target_unfenced", fencing.unfence, target, self.target.dbname, self.roles)
             unavailable_ms = self._ms(fenced_at)
+            # Sessions that reconnected to the source inside the fence are read-only: end them too.
+            ended += self._step("source_sessions_ended", fencing.end_sessions, source, self.source.dbname, self.roles)
         reverse = self._step("reverse_started", self.driver.after_switch)
         result = {
             "write_unavailable_ms": unavailable_ms,
@@ -96,11 +99,24 @@ class Cutover:
         if close:
             close([route.name for route in self.controller.routes])
 
-    def _undo(self, source, previous: dict[str, int]) -> None:
-        self.driver.abort_cutover()
-        fencing.unfence(source, self.source.dbname, self.roles)
-        restore_split(self.controller, previous)
-        emit("cutover_undone", split=previous)
+    def _undo(self, source, target, previous: dict[str, int]) -> None:
+        """Every undo action runs even when an earlier one fails; failures are reported together."""
+        actions = [
+            ("restore split", lambda: restore_split(self.controller, previous)),
+            ("unfence source", lambda: fencing.unfence(source, self.source.dbname, self.roles)),
+            ("drop reverse capture", self.driver.abort_cutover),
+        ]
+        if not self.driver.active_active:
+            actions.append(("fence target again", lambda: fencing.fence(target, self.target.dbname, self.roles)))
+        failed = []
+        for name, action in actions:
+            try:
+                action()
+            except Exception as error:
+                failed.append(f"{name}: {error}")
+        emit("cutover_undone", split=previous, undo_failures=failed)
+        if failed:
+            raise CutoverError("cutover failed and its undo did not complete: " + "; ".join(failed))
 
     def _finish_already_done(self) -> dict:
         self.controller.set_target_percent(100)

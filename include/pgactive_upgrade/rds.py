@@ -1,0 +1,489 @@
+"""Provisioning through the RDS API: parameter groups, target instance, reboots, decommission.
+
+Plain Python on a boto3 RDS client (the Airflow layer passes ``RdsHook(aws_conn_id=...).conn``).
+Never call ``describe_db_engine_versions``: moto cannot serve it, and our validation must not rely on the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from botocore.exceptions import ClientError
+
+log = logging.getLogger(__name__)
+
+SOURCE_TAG = "pgactive-upgrade:source"
+IDENTIFIER_MAX = 63
+SNAPSHOT_MAX = 255
+PARAMETER_GROUP_MAX = 255
+MAX_PARAMETERS_PER_MODIFY = 20
+
+# States an instance does not leave by itself: waiting longer cannot help.
+_DEAD_END_STATES = {
+    "failed", "deleting", "deleted", "stopped", "stopping", "storage-full", "restore-error",
+    "inaccessible-encryption-credentials", "inaccessible-encryption-credentials-recoverable",
+}
+# pgactive needs rds.enable_pgactive (turns on logical replication and commit timestamps, per AWS docs);
+# the other values are set explicitly so the group documents what the upgrade relies on.
+_REPLICATION_CAPACITY = {"max_replication_slots": "20", "max_wal_senders": "20", "max_worker_processes": "16"}
+_DRIVER_PARAMETERS = {
+    "pgactive": {"rds.enable_pgactive": "1", "rds.logical_replication": "1", "track_commit_timestamp": "1"},
+    "native": {"rds.logical_replication": "1"},
+}
+# First RDS minor with pgactive per major (15.4 needs the R2 build, which the version string cannot show).
+_PGACTIVE_MIN_MINOR = {11: 22, 12: 17, 13: 13, 14: 10, 15: 4, 16: 1, 17: 0}
+
+
+class RdsError(Exception):
+    """An RDS resource is missing or in a state the upgrade cannot proceed from."""
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    identifier: str
+    arn: str
+    engine: str
+    engine_version: str
+    major: int
+    instance_class: str
+    allocated_storage: int
+    storage_type: str
+    iops: int | None
+    db_subnet_group: str | None
+    security_group_ids: tuple[str, ...]
+    parameter_group: str | None
+    parameter_apply_status: str | None
+    status: str
+    endpoint_host: str | None
+    endpoint_port: int | None
+    db_name: str | None
+    master_username: str
+    multi_az: bool
+    publicly_accessible: bool
+    kms_key_id: str | None
+    storage_encrypted: bool
+    deletion_protection: bool
+    backup_retention_period: int
+    tags: tuple[tuple[str, str], ...]
+
+
+# ---------------------------------------------------------------- names and versions
+
+
+def validate_identifier(value: str, *, kind: str = "DB instance identifier", max_len: int = IDENTIFIER_MAX) -> str:
+    """RDS rules: ASCII letters, digits, hyphens; starts with a letter; no '--'; no trailing hyphen."""
+    problems = []
+    if not value or len(value) > max_len:
+        problems.append(f"must be 1-{max_len} characters")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", value or ""):
+        problems.append("must start with a letter and contain only ASCII letters, digits and hyphens")
+    if "--" in (value or "") or (value or "").endswith("-"):
+        problems.append("must not contain '--' or end with a hyphen")
+    if problems:
+        raise RdsError(f"invalid {kind} {value!r}: " + "; ".join(problems))
+    return value
+
+
+def identifier_from(identifier_or_arn: str) -> str:
+    """'arn:aws:rds:us-east-1:123:db:orders-db' -> 'orders-db'; a plain identifier is returned as is."""
+    if identifier_or_arn.startswith("arn:"):
+        parts = identifier_or_arn.split(":")
+        if len(parts) != 7 or parts[2] != "rds" or parts[5] != "db":
+            raise RdsError(f"{identifier_or_arn!r} is not an RDS DB instance ARN "
+                           "(arn:aws:rds:<region>:<account>:db:<id>)")
+        return parts[6]
+    return identifier_or_arn
+
+
+def major_of(engine_version: str) -> int:
+    if not re.fullmatch(r"\d+(\.\d+){0,2}", engine_version or ""):
+        raise RdsError(f"invalid PostgreSQL engine version {engine_version!r}: expected e.g. '17.2' or '17'")
+    return int(engine_version.split(".")[0])
+
+
+def parameter_group_family(engine_version: str) -> str:
+    """'17.2' -> 'postgres17'; 9.x majors had two-part families ('9.6.20' -> 'postgres9.6')."""
+    major = major_of(engine_version)
+    if major < 10:
+        return "postgres" + ".".join(engine_version.split(".")[:2])
+    return f"postgres{major}"
+
+
+def supports_pgactive(engine_version: str) -> bool:
+    major = major_of(engine_version)
+    parts = engine_version.split(".")
+    minor = int(parts[1]) if len(parts) > 1 else None
+    if major not in _PGACTIVE_MIN_MINOR:
+        return major > max(_PGACTIVE_MIN_MINOR)
+    # A bare major ('17') lets RDS pick its default minor, which is recent enough for 16+ only.
+    return minor >= _PGACTIVE_MIN_MINOR[major] if minor is not None else major >= 16
+
+
+def check_target_version(source: InstanceInfo, engine_version: str) -> int:
+    target_major = major_of(engine_version)
+    if target_major <= source.major:
+        raise RdsError(
+            f"target engine version {engine_version} (major {target_major}) must be a higher major than "
+            f"source {source.identifier} ({source.engine_version})"
+        )
+    return target_major
+
+
+def target_identifier(source_id: str, target_major: int) -> str:
+    """'orders-db' -> 'orders-db-pg17'; 'orders-db-pg15' -> 'orders-db-pg17'; truncated to 63 chars."""
+    base = re.sub(r"-pg\d+$", "", identifier_from(source_id))
+    suffix = f"-pg{target_major}"
+    base = base[: IDENTIFIER_MAX - len(suffix)].rstrip("-")
+    return validate_identifier(base + suffix)
+
+
+def pgactive_parameters(driver: str) -> dict[str, str]:
+    if driver not in _DRIVER_PARAMETERS:
+        raise RdsError(f"unknown replication driver {driver!r}: expected one of {sorted(_DRIVER_PARAMETERS)}")
+    return {**_DRIVER_PARAMETERS[driver], **_REPLICATION_CAPACITY}
+
+
+# ---------------------------------------------------------------- describe
+
+
+def _error_code(error: ClientError) -> str:
+    return error.response.get("Error", {}).get("Code", "")
+
+
+def _to_info(raw: dict[str, Any]) -> InstanceInfo:
+    groups = raw.get("DBParameterGroups") or [{}]
+    endpoint = raw.get("Endpoint") or {}
+    return InstanceInfo(
+        identifier=raw["DBInstanceIdentifier"],
+        arn=raw.get("DBInstanceArn", ""),
+        engine=raw.get("Engine", ""),
+        engine_version=raw.get("EngineVersion", ""),
+        major=int(re.match(r"\d*", raw.get("EngineVersion", "")).group() or 0),  # other engines use odd formats
+        instance_class=raw.get("DBInstanceClass", ""),
+        allocated_storage=int(raw.get("AllocatedStorage", 0)),
+        storage_type=raw.get("StorageType", ""),
+        iops=raw.get("Iops"),
+        db_subnet_group=(raw.get("DBSubnetGroup") or {}).get("DBSubnetGroupName"),
+        security_group_ids=tuple(sg["VpcSecurityGroupId"] for sg in raw.get("VpcSecurityGroups", [])),
+        parameter_group=groups[0].get("DBParameterGroupName"),
+        parameter_apply_status=groups[0].get("ParameterApplyStatus"),
+        status=raw.get("DBInstanceStatus", ""),
+        endpoint_host=endpoint.get("Address"),
+        endpoint_port=endpoint.get("Port"),
+        db_name=raw.get("DBName"),
+        master_username=raw.get("MasterUsername", ""),
+        multi_az=bool(raw.get("MultiAZ")),
+        publicly_accessible=bool(raw.get("PubliclyAccessible")),
+        kms_key_id=raw.get("KmsKeyId"),
+        storage_encrypted=bool(raw.get("StorageEncrypted")),
+        deletion_protection=bool(raw.get("DeletionProtection")),
+        backup_retention_period=int(raw.get("BackupRetentionPeriod", 0)),
+        tags=tuple((t["Key"], t["Value"]) for t in raw.get("TagList", [])),
+    )
+
+
+def describe_instance(rds, identifier_or_arn: str) -> InstanceInfo | None:
+    try:
+        found = rds.describe_db_instances(DBInstanceIdentifier=identifier_or_arn)["DBInstances"]
+    except ClientError as error:
+        if _error_code(error) == "DBInstanceNotFound":
+            return None
+        raise
+    return _to_info(found[0]) if found else None
+
+
+def resolve_source(rds, identifier_or_arn: str) -> InstanceInfo:
+    identifier = identifier_from(identifier_or_arn)
+    info = describe_instance(rds, identifier)
+    if info is None:
+        raise RdsError(f"source DB instance {identifier_or_arn} not found in region {rds.meta.region_name}")
+    if identifier_or_arn.startswith("arn:") and info.arn and info.arn != identifier_or_arn:
+        raise RdsError(f"source ARN {identifier_or_arn} does not match the instance this client sees ({info.arn}): "
+                       "wrong account or region?")
+    if info.engine != "postgres":
+        raise RdsError(f"source {identifier} runs engine {info.engine!r}; "
+                       "only RDS for PostgreSQL ('postgres') is supported")
+    return info
+
+
+# ---------------------------------------------------------------- parameter groups
+
+
+def _describe_parameter_group(rds, name: str) -> dict | None:
+    try:
+        groups = rds.describe_db_parameter_groups(DBParameterGroupName=name)["DBParameterGroups"]
+    except ClientError as error:
+        if _error_code(error) == "DBParameterGroupNotFound":
+            return None
+        raise
+    return groups[0] if groups else None  # moto answers an empty list instead of the fault
+
+
+def _user_parameters(rds, name: str) -> dict[str, str]:
+    pages = rds.get_paginator("describe_db_parameters").paginate(DBParameterGroupName=name, Source="user")
+    return {p["ParameterName"]: p.get("ParameterValue") for page in pages for p in page["Parameters"]}
+
+
+def ensure_parameter_group(rds, name: str, family: str, description: str, parameters: dict[str, str]) -> bool:
+    """Create the group if missing and set ``parameters``; returns True when anything changed."""
+    validate_identifier(name, kind="DB parameter group name", max_len=PARAMETER_GROUP_MAX)
+    group = _describe_parameter_group(rds, name)
+    created = group is None
+    if created:
+        rds.create_db_parameter_group(DBParameterGroupName=name, DBParameterGroupFamily=family, Description=description)
+        log.info("created DB parameter group %s (family %s)", name, family)
+    elif group["DBParameterGroupFamily"] != family:
+        raise RdsError(f"DB parameter group {name} exists with family {group['DBParameterGroupFamily']}, "
+                       f"expected {family}")
+    current = {} if created else _user_parameters(rds, name)
+    wanted = {k: str(v) for k, v in parameters.items() if current.get(k) != str(v)}
+    items = [{"ParameterName": k, "ParameterValue": v, "ApplyMethod": "pending-reboot"} for k, v in wanted.items()]
+    for start in range(0, len(items), MAX_PARAMETERS_PER_MODIFY):
+        batch = items[start:start + MAX_PARAMETERS_PER_MODIFY]
+        rds.modify_db_parameter_group(DBParameterGroupName=name, Parameters=batch)
+    if wanted:
+        log.info("set parameters on %s: %s", name, wanted)
+    return created or bool(wanted)
+
+
+# ---------------------------------------------------------------- target instance
+
+
+def _reuse_mismatches(existing: InstanceInfo, *, source_id: str, target_major: int, instance_class: str,
+                      subnet_group: str | None) -> list[str]:
+    # The tag proves we created it for this source: never adopt an unrelated instance that happens to share the name.
+    checks = [
+        (f"tag {SOURCE_TAG}", dict(existing.tags).get(SOURCE_TAG), source_id),
+        ("engine", existing.engine, "postgres"),
+        ("engine major", existing.major, target_major),
+        ("instance class", existing.instance_class, instance_class),
+        ("DB subnet group", existing.db_subnet_group, subnet_group),
+    ]
+    return [f"{what} is {have!r}, expected {want!r}" for what, have, want in checks if have != want]
+
+
+def ensure_target_instance(
+    rds,
+    *,
+    source: InstanceInfo,
+    target_id: str,
+    engine_version: str,
+    parameter_group: str,
+    master_password: str,
+    tags: dict[str, str],
+    instance_class: str | None = None,
+    db_subnet_group: str | None = None,
+    security_group_ids: tuple[str, ...] | list[str] | None = None,
+) -> InstanceInfo:
+    """Create the target like the source (class, storage, network, encryption, ...) or reuse a matching one.
+
+    Does not wait for it to become available: call wait_available afterwards.
+    """
+    validate_identifier(target_id)
+    if target_id == source.identifier:
+        raise RdsError(f"target identifier {target_id} is the source instance itself")
+    target_major = check_target_version(source, engine_version)
+    _check_group_family(rds, parameter_group, engine_version)
+    instance_class = instance_class or source.instance_class
+    subnet_group = db_subnet_group or source.db_subnet_group
+
+    existing = describe_instance(rds, target_id)
+    if existing is None:
+        request = _create_request(source, target_id, engine_version, parameter_group, instance_class, subnet_group,
+                                  security_group_ids, tags)
+        try:
+            rds.create_db_instance(**request, MasterUserPassword=master_password)
+            log.info("creating target DB instance %s (%s, %s) from source %s",
+                     target_id, engine_version, instance_class, source.identifier)
+        except ClientError as error:
+            if _error_code(error) != "DBInstanceAlreadyExists":  # a concurrent or retried create won the race
+                raise RdsError(f"creating target {target_id} failed: {_error_code(error)}: "
+                               f"{error.response.get('Error', {}).get('Message', '')}") from None
+        existing = describe_instance(rds, target_id)
+        if existing is None:
+            raise RdsError(f"target {target_id} was created but describe_db_instances does not return it")
+        return existing
+
+    mismatches = _reuse_mismatches(existing, source_id=source.identifier, target_major=target_major,
+                                   instance_class=instance_class, subnet_group=subnet_group)
+    if mismatches:
+        raise RdsError(f"DB instance {target_id} already exists but cannot be reused as the target: "
+                       + "; ".join(mismatches))
+    if existing.status in _DEAD_END_STATES:
+        raise RdsError(f"existing target {target_id} is in state {existing.status!r}; cannot reuse it")
+    log.info("reusing existing target DB instance %s (%s, status %s)",
+             target_id, existing.engine_version, existing.status)
+    return existing
+
+
+def _check_group_family(rds, parameter_group: str, engine_version: str) -> None:
+    group = _describe_parameter_group(rds, parameter_group)
+    family = parameter_group_family(engine_version)
+    if group is None:
+        raise RdsError(f"DB parameter group {parameter_group} does not exist; create it (family {family}) first")
+    if group["DBParameterGroupFamily"] != family:
+        raise RdsError(f"DB parameter group {parameter_group} has family {group['DBParameterGroupFamily']}, "
+                       f"but engine version {engine_version} needs {family}")
+
+
+def _create_request(source: InstanceInfo, target_id: str, engine_version: str, parameter_group: str,
+                    instance_class: str, subnet_group: str | None, security_group_ids, tags: dict[str, str]) -> dict:
+    all_tags = {**tags, SOURCE_TAG: source.identifier}
+    request: dict[str, Any] = {
+        "DBInstanceIdentifier": target_id,
+        "Engine": "postgres",
+        "EngineVersion": engine_version,
+        "DBInstanceClass": instance_class,
+        "AllocatedStorage": source.allocated_storage,
+        "StorageType": source.storage_type,
+        "DBParameterGroupName": parameter_group,
+        "VpcSecurityGroupIds": list(security_group_ids or source.security_group_ids),
+        "MultiAZ": source.multi_az,
+        "PubliclyAccessible": source.publicly_accessible,
+        "StorageEncrypted": source.storage_encrypted,
+        "MasterUsername": source.master_username,
+        "BackupRetentionPeriod": source.backup_retention_period,
+        "DeletionProtection": source.deletion_protection,
+        "CopyTagsToSnapshot": True,
+        "Tags": [{"Key": k, "Value": str(v)} for k, v in all_tags.items()],
+    }
+    optional = {
+        "DBSubnetGroupName": subnet_group,
+        "DBName": source.db_name,
+        "KmsKeyId": source.kms_key_id if source.storage_encrypted else None,
+        # io1/io2 require Iops; gp3 baseline IOPS depend on size, so only provisioned types carry it over.
+        "Iops": source.iops if source.storage_type in ("io1", "io2") else None,
+    }
+    request.update({k: v for k, v in optional.items() if v is not None})
+    return request
+
+
+# ---------------------------------------------------------------- waiting, reboots, group attachment
+
+
+def _retry_while_busy(call: Callable[[], Any], what: str, *, attempts: int, poll_s: float) -> Any:
+    """RDS refuses reboot/modify/delete while an instance is busy (InvalidDBInstanceState): wait and retry."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except ClientError as error:
+            if _error_code(error) != "InvalidDBInstanceState" or attempt == attempts:
+                raise RdsError(f"{what} failed after {attempt} attempt(s): {_error_code(error)}: "
+                               f"{error.response.get('Error', {}).get('Message', '')}") from None
+            log.warning("%s: instance busy (attempt %d/%d), retrying in %ss", what, attempt, attempts, poll_s)
+            time.sleep(poll_s)
+
+
+def wait_available(rds, identifier: str, *, timeout_s: float = 900, poll_s: float = 15,
+                   require_in_sync: bool = False) -> InstanceInfo:
+    """Poll until status is 'available' (and, if asked, the parameter group is in-sync).
+
+    Polling rather than the boto waiter gives a message naming the state that failed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = describe_instance(rds, identifier)
+        if info is None:
+            raise RdsError(f"DB instance {identifier} disappeared while waiting for it to become available")
+        if info.status in _DEAD_END_STATES or info.status.startswith("incompatible-"):
+            raise RdsError(f"DB instance {identifier} is in state {info.status!r}; expected 'available'")
+        in_sync = info.parameter_apply_status == "in-sync"
+        if info.status == "available" and (in_sync or not require_in_sync):
+            return info
+        if time.monotonic() >= deadline:
+            raise RdsError(f"DB instance {identifier} not available after {timeout_s}s: status {info.status!r}, "
+                           f"parameter group {info.parameter_group} {info.parameter_apply_status!r}")
+        time.sleep(poll_s)
+
+
+def needs_reboot(info: InstanceInfo) -> bool:
+    """Static parameters (rds.enable_pgactive) and a newly attached group only take effect after a reboot."""
+    return info.parameter_apply_status != "in-sync"
+
+
+def reboot_and_wait(rds, identifier: str, *, timeout_s: float = 900, poll_s: float = 15,
+                    attempts: int = 5) -> InstanceInfo:
+    wait_available(rds, identifier, timeout_s=timeout_s, poll_s=poll_s)
+    _retry_while_busy(lambda: rds.reboot_db_instance(DBInstanceIdentifier=identifier), f"rebooting {identifier}",
+                      attempts=attempts, poll_s=poll_s)
+    log.info("rebooting DB instance %s", identifier)
+    # Right after the call RDS may still report 'available' for a moment; in-sync is the real completion signal.
+    return wait_available(rds, identifier, timeout_s=timeout_s, poll_s=poll_s, require_in_sync=True)
+
+
+def ensure_parameter_group_attached(rds, identifier: str, parameter_group: str, *, attempts: int = 5,
+                                    poll_s: float = 15) -> bool:
+    info = describe_instance(rds, identifier)
+    if info is None:
+        raise RdsError(f"DB instance {identifier} not found; cannot attach parameter group {parameter_group}")
+    if info.parameter_group == parameter_group:
+        return False
+    _check_group_family(rds, parameter_group, info.engine_version)
+    _retry_while_busy(
+        lambda: rds.modify_db_instance(DBInstanceIdentifier=identifier, DBParameterGroupName=parameter_group,
+                                       ApplyImmediately=True),
+        f"attaching parameter group {parameter_group} to {identifier}", attempts=attempts, poll_s=poll_s)
+    log.info("attached parameter group %s to %s (was %s); a reboot is needed", parameter_group, identifier,
+             info.parameter_group)
+    return True
+
+
+# ---------------------------------------------------------------- decommission
+
+
+def _describe_snapshot(rds, snapshot_id: str) -> dict | None:
+    try:
+        found = rds.describe_db_snapshots(DBSnapshotIdentifier=snapshot_id)["DBSnapshots"]
+    except ClientError as error:
+        if _error_code(error) == "DBSnapshotNotFound":
+            return None
+        raise
+    return found[0] if found else None
+
+
+def decommission(rds, identifier: str, *, final_snapshot_id: str, timeout_s: float = 600, poll_s: float = 15,
+                 attempts: int = 5) -> dict:
+    """Delete the instance with a final snapshot and wait until it is gone. Safe to re-run."""
+    validate_identifier(final_snapshot_id, kind="final snapshot identifier", max_len=SNAPSHOT_MAX)
+    info = describe_instance(rds, identifier)
+    snapshot = _describe_snapshot(rds, final_snapshot_id)
+    if snapshot is not None and snapshot.get("DBInstanceIdentifier") != identifier:
+        raise RdsError(f"snapshot {final_snapshot_id} already exists and belongs to "
+                       f"{snapshot.get('DBInstanceIdentifier')}, not {identifier}")
+    if info is None:
+        if snapshot is None:
+            raise RdsError(f"DB instance {identifier} is gone but final snapshot {final_snapshot_id} does not exist; "
+                           "refusing to report the decommission as done")
+        return {"deleted": True, "snapshot": final_snapshot_id, "snapshot_status": snapshot.get("Status"),
+                "already": True}
+
+    if info.status != "deleting":
+        if info.deletion_protection:
+            raise RdsError(f"DB instance {identifier} has deletion protection enabled; disable it deliberately "
+                           "(modify-db-instance --no-deletion-protection) before decommissioning")
+        if snapshot is not None:
+            raise RdsError(f"snapshot {final_snapshot_id} already exists while {identifier} is still running; "
+                           "it would not hold the final state: choose a new final snapshot id")
+        _retry_while_busy(
+            lambda: rds.delete_db_instance(DBInstanceIdentifier=identifier, SkipFinalSnapshot=False,
+                                           FinalDBSnapshotIdentifier=final_snapshot_id, DeleteAutomatedBackups=False),
+            f"deleting {identifier}", attempts=attempts, poll_s=poll_s)
+        log.info("deleting DB instance %s with final snapshot %s", identifier, final_snapshot_id)
+    _wait_deleted(rds, identifier, timeout_s=timeout_s, poll_s=poll_s)
+
+    snapshot = _describe_snapshot(rds, final_snapshot_id)
+    if snapshot is None:
+        raise RdsError(f"DB instance {identifier} deleted but final snapshot {final_snapshot_id} is missing")
+    return {"deleted": True, "snapshot": final_snapshot_id, "snapshot_status": snapshot.get("Status"), "already": False}
+
+
+def _wait_deleted(rds, identifier: str, *, timeout_s: float, poll_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (info := describe_instance(rds, identifier)) is not None:
+        if time.monotonic() >= deadline:
+            raise RdsError(f"DB instance {identifier} still present after {timeout_s}s (status {info.status!r})")
+        time.sleep(poll_s)

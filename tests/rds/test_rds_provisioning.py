@@ -1,0 +1,366 @@
+"""include/pgactive_upgrade/rds.py against a real moto server (no boto3 patching).
+
+Faults are injected with botocore `before-call` event hooks on the client under test: the hook answers
+with an HTTP 400 error body, so botocore raises the same modeled exception a real RDS endpoint would.
+"""
+
+import functools
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
+
+from pgactive_upgrade import rds as r
+
+MOTO_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "moto_server"
+MOTO_PORT = 26850
+MOTO_URL = f"http://127.0.0.1:{MOTO_PORT}"
+SECRET = "s3cret-Passw0rd"
+
+
+def _wait_for_port(port: int, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"moto server did not listen on {port}")
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    proc = subprocess.Popen([str(MOTO_BIN), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(MOTO_PORT)
+        yield MOTO_URL
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@functools.cache  # client creation is slow; only the rds client under test carries event hooks, so it is per test
+def _client(service: str):
+    return boto3.client(service, endpoint_url=MOTO_URL, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture
+def rds(moto_server):
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
+    return _client.__wrapped__("rds")
+
+
+@pytest.fixture
+def network(rds):
+    ec2 = _client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=az)["Subnet"]["SubnetId"]
+               for i, az in ((1, "us-east-1a"), (2, "us-east-1b"))]
+    sg = ec2.create_security_group(GroupName="orders-db", Description="db", VpcId=vpc)["GroupId"]
+    for name in ("orders-subnets", "other-subnets"):
+        rds.create_db_subnet_group(DBSubnetGroupName=name, DBSubnetGroupDescription=name, SubnetIds=subnets)
+    return {"subnet_group": "orders-subnets", "sg": sg}
+
+
+@pytest.fixture
+def source(rds, network):
+    rds.create_db_instance(
+        DBInstanceIdentifier="orders-db", Engine="postgres", EngineVersion="15.8", DBInstanceClass="db.r6g.large",
+        AllocatedStorage=100, StorageType="gp3", DBSubnetGroupName=network["subnet_group"],
+        VpcSecurityGroupIds=[network["sg"]], MasterUsername="dbadmin", MasterUserPassword=SECRET, DBName="orders",
+        MultiAZ=True, StorageEncrypted=True, BackupRetentionPeriod=7,
+    )
+    return r.resolve_source(rds, "orders-db")
+
+
+@pytest.fixture
+def pg17_group(rds):
+    params = r.pgactive_parameters("pgactive")
+    r.ensure_parameter_group(rds, "orders-pgactive-17", "postgres17", "pgactive upgrade", params)
+    return "orders-pgactive-17"
+
+
+def _create_target(rds, source, group, **overrides):
+    kwargs = dict(source=source, target_id="orders-db-pg17", engine_version="17.2", parameter_group=group,
+                  master_password=SECRET, tags={"team": "sre"})
+    return r.ensure_target_instance(rds, **{**kwargs, **overrides})
+
+
+def _fail_first_calls(rds, operation: str, code: str, times: int = 1) -> list:
+    """Make the next `times` calls of `operation` fail with `code`; returns the list of intercepted calls."""
+    calls = []
+
+    def hook(**_):
+        calls.append(operation)
+        if len(calls) <= times:
+            body = {"Error": {"Code": code, "Message": "injected fault"}, "ResponseMetadata": {"HTTPStatusCode": 400}}
+            return AWSResponse(MOTO_URL, 400, {}, None), body
+        return None
+
+    rds.meta.events.register(f"before-call.rds.{operation}", hook)
+    return calls
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize("version,family", [("17.2", "postgres17"), ("15.8", "postgres15"), ("16", "postgres16"),
+                                            ("9.6.20", "postgres9.6")])
+def test_parameter_group_family(version, family):
+    assert r.parameter_group_family(version) == family
+
+
+@pytest.mark.parametrize("bad", ["", "latest", "17.x", "v17"])
+def test_bad_engine_version_is_rejected(bad):
+    with pytest.raises(r.RdsError, match="invalid PostgreSQL engine version"):
+        r.parameter_group_family(bad)
+
+
+def test_pgactive_parameters_per_driver():
+    pgactive = r.pgactive_parameters("pgactive")
+    assert pgactive["rds.enable_pgactive"] == "1" and pgactive["rds.logical_replication"] == "1"
+    native = r.pgactive_parameters("native")
+    assert "rds.enable_pgactive" not in native and native["rds.logical_replication"] == "1"
+    assert int(native["max_replication_slots"]) >= 10 and int(pgactive["max_worker_processes"]) >= 16
+    with pytest.raises(r.RdsError, match="unknown replication driver"):
+        r.pgactive_parameters("bdr")
+
+
+def test_target_identifier_naming():
+    assert r.target_identifier("orders-db", 17) == "orders-db-pg17"
+    assert r.target_identifier("orders-db-pg15", 17) == "orders-db-pg17"
+    assert r.target_identifier("arn:aws:rds:us-east-1:123456789012:db:orders-db", 17) == "orders-db-pg17"
+    long_id = r.target_identifier("a" * 58 + "-b-c", 17)
+    assert len(long_id) <= 63 and long_id.endswith("-pg17") and "--" not in long_id
+
+
+@pytest.mark.parametrize("bad", ["1db", "snap--1", "snap-", "snap_1", "", "a" * 256])
+def test_snapshot_identifier_rules(bad):
+    with pytest.raises(r.RdsError, match="invalid final snapshot identifier"):
+        r.validate_identifier(bad, kind="final snapshot identifier", max_len=255)
+
+
+def test_supports_pgactive():
+    assert r.supports_pgactive("15.8") and r.supports_pgactive("17.0") and r.supports_pgactive("16")
+    assert not r.supports_pgactive("14.9") and not r.supports_pgactive("15.3")
+
+
+# ---------------------------------------------------------------- source
+
+
+def test_resolve_source_by_arn_and_missing(rds, source):
+    assert source.major == 15 and source.db_subnet_group == "orders-subnets" and source.multi_az
+    assert r.resolve_source(rds, source.arn).identifier == "orders-db"
+    assert r.describe_instance(rds, "no-such-db") is None
+    with pytest.raises(r.RdsError, match="no-such-db not found"):
+        r.resolve_source(rds, "no-such-db")
+
+
+def test_resolve_source_rejects_non_postgres(rds, network):
+    rds.create_db_instance(DBInstanceIdentifier="shop-mysql", Engine="mysql", EngineVersion="8.0.36",
+                           DBInstanceClass="db.t3.micro", AllocatedStorage=20, MasterUsername="admin",
+                           MasterUserPassword=SECRET)
+    with pytest.raises(r.RdsError, match="engine 'mysql'"):
+        r.resolve_source(rds, "shop-mysql")
+
+
+# ---------------------------------------------------------------- parameter groups
+
+
+def test_parameter_group_created_then_idempotent(rds):
+    params = r.pgactive_parameters("pgactive")
+    assert r.ensure_parameter_group(rds, "orders-pgactive-17", "postgres17", "d", params) is True
+    stored = {p["ParameterName"]: p for p in
+              rds.describe_db_parameters(DBParameterGroupName="orders-pgactive-17", Source="user")["Parameters"]}
+    assert {k: v["ParameterValue"] for k, v in stored.items()} == params
+    assert {v["ApplyMethod"] for v in stored.values()} == {"pending-reboot"}
+    assert r.ensure_parameter_group(rds, "orders-pgactive-17", "postgres17", "d", params) is False
+
+
+def test_parameter_group_changed_value_is_applied(rds):
+    r.ensure_parameter_group(rds, "orders-native-17", "postgres17", "d", r.pgactive_parameters("native"))
+    assert r.ensure_parameter_group(rds, "orders-native-17", "postgres17", "d", {"max_wal_senders": "30"}) is True
+    values = {p["ParameterName"]: p["ParameterValue"] for p in
+              rds.describe_db_parameters(DBParameterGroupName="orders-native-17", Source="user")["Parameters"]}
+    assert values["max_wal_senders"] == "30"
+
+
+def test_parameter_group_family_mismatch(rds):
+    rds.create_db_parameter_group(DBParameterGroupName="orders-pgactive", DBParameterGroupFamily="postgres15",
+                                  Description="old")
+    with pytest.raises(r.RdsError, match="orders-pgactive exists with family postgres15, expected postgres17"):
+        r.ensure_parameter_group(rds, "orders-pgactive", "postgres17", "d", {"rds.enable_pgactive": "1"})
+
+
+# ---------------------------------------------------------------- target instance
+
+
+def test_target_copies_source_attributes_and_never_leaks_password(rds, source, pg17_group, caplog):
+    caplog.set_level("DEBUG", logger="pgactive_upgrade")
+    target = _create_target(rds, source, pg17_group)
+    target = r.wait_available(rds, target.identifier, poll_s=0.1)
+    assert (target.major, target.engine_version, target.parameter_group) == (17, "17.2", pg17_group)
+    for field in ("instance_class", "allocated_storage", "storage_type", "db_subnet_group", "security_group_ids",
+                  "multi_az", "storage_encrypted", "db_name", "master_username", "backup_retention_period"):
+        assert getattr(target, field) == getattr(source, field), field
+    tags = dict(target.tags)
+    assert tags[r.SOURCE_TAG] == "orders-db" and tags["team"] == "sre"
+    assert SECRET not in repr(target) and SECRET not in caplog.text
+
+
+def test_second_call_reuses_target(rds, source, pg17_group):
+    first = _create_target(rds, source, pg17_group)
+    second = _create_target(rds, source, pg17_group)
+    assert second.arn == first.arn
+    ids = [i["DBInstanceIdentifier"] for i in rds.describe_db_instances()["DBInstances"]]
+    assert sorted(ids) == ["orders-db", "orders-db-pg17"]
+
+
+def test_existing_target_mismatch_is_named(rds, source, pg17_group):
+    _create_target(rds, source, pg17_group)
+    with pytest.raises(r.RdsError, match="instance class is 'db.r6g.large', expected 'db.r6g.xlarge'"):
+        _create_target(rds, source, pg17_group, instance_class="db.r6g.xlarge")
+    with pytest.raises(r.RdsError, match="DB subnet group is 'orders-subnets', expected 'other-subnets'"):
+        _create_target(rds, source, pg17_group, db_subnet_group="other-subnets")
+
+
+def test_unrelated_instance_with_target_name_is_not_adopted(rds, source, pg17_group, network):
+    rds.create_db_instance(DBInstanceIdentifier="orders-db-pg17", Engine="postgres", EngineVersion="17.2",
+                           DBInstanceClass="db.r6g.large", AllocatedStorage=100,
+                           DBSubnetGroupName=network["subnet_group"], MasterUsername="x", MasterUserPassword=SECRET)
+    with pytest.raises(r.RdsError, match="tag pgactive-upgrade:source is None, expected 'orders-db'"):
+        _create_target(rds, source, pg17_group)
+
+
+def test_target_version_and_group_validation(rds, source, pg17_group):
+    with pytest.raises(r.RdsError, match="must be a higher major than source orders-db"):
+        _create_target(rds, source, pg17_group, engine_version="15.10")
+    r.ensure_parameter_group(rds, "orders-pgactive-16", "postgres16", "d", {})
+    with pytest.raises(r.RdsError, match="needs postgres17"):
+        _create_target(rds, source, "orders-pgactive-16")
+    with pytest.raises(r.RdsError, match="missing-group does not exist"):
+        _create_target(rds, source, "missing-group")
+    assert r.describe_instance(rds, "orders-db-pg17") is None
+
+
+# ---------------------------------------------------------------- parameter group attachment and reboot
+
+
+def test_attach_group_and_reboot_source(rds, source):
+    r.ensure_parameter_group(rds, "orders-pgactive-15", "postgres15", "d", r.pgactive_parameters("pgactive"))
+    assert r.ensure_parameter_group_attached(rds, "orders-db", "orders-pgactive-15") is True
+    assert r.ensure_parameter_group_attached(rds, "orders-db", "orders-pgactive-15") is False
+    info = r.reboot_and_wait(rds, "orders-db", poll_s=0.1)
+    assert info.status == "available" and info.parameter_group == "orders-pgactive-15"
+    assert not r.needs_reboot(info)
+
+
+def test_attach_group_of_wrong_family_refused(rds, source, pg17_group):
+    with pytest.raises(r.RdsError, match="needs postgres15"):
+        r.ensure_parameter_group_attached(rds, "orders-db", pg17_group)
+
+
+def test_needs_reboot():
+    base = dict.fromkeys(r.InstanceInfo.__dataclass_fields__)
+    assert r.needs_reboot(r.InstanceInfo(**{**base, "parameter_apply_status": "pending-reboot"}))
+    assert r.needs_reboot(r.InstanceInfo(**{**base, "parameter_apply_status": "applying"}))
+    assert not r.needs_reboot(r.InstanceInfo(**{**base, "parameter_apply_status": "in-sync"}))
+
+
+def test_reboot_retries_while_instance_busy(rds, source):
+    calls = _fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=1)
+    info = r.reboot_and_wait(rds, "orders-db", poll_s=0.05)
+    assert calls == ["RebootDBInstance", "RebootDBInstance"]
+    assert info.status == "available"
+
+
+def test_reboot_gives_up_with_clear_error(rds, source):
+    calls = _fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=10)
+    with pytest.raises(r.RdsError, match="rebooting orders-db failed after 3 attempt"):
+        r.reboot_and_wait(rds, "orders-db", poll_s=0.01, attempts=3)
+    assert len(calls) == 3
+
+
+def test_reboot_other_errors_are_not_retried(rds, source):
+    calls = _fail_first_calls(rds, "RebootDBInstance", "AccessDenied", times=10)
+    with pytest.raises(r.RdsError, match="AccessDenied"):
+        r.reboot_and_wait(rds, "orders-db", poll_s=0.01)
+    assert len(calls) == 1
+
+
+def test_wait_available_fails_fast_on_dead_end_state(rds, source):
+    def report_failed(parsed, **_):
+        parsed["DBInstances"][0]["DBInstanceStatus"] = "incompatible-parameters"
+
+    rds.meta.events.register("after-call.rds.DescribeDBInstances", report_failed)
+    with pytest.raises(r.RdsError, match="orders-db is in state 'incompatible-parameters'; expected 'available'"):
+        r.wait_available(rds, "orders-db", timeout_s=5, poll_s=0.01)
+
+
+def test_wait_available_times_out_naming_state(rds, source):
+    def report_modifying(parsed, **_):
+        parsed["DBInstances"][0]["DBInstanceStatus"] = "modifying"
+
+    rds.meta.events.register("after-call.rds.DescribeDBInstances", report_modifying)
+    with pytest.raises(r.RdsError, match="not available after 0.2s: status 'modifying'"):
+        r.wait_available(rds, "orders-db", timeout_s=0.2, poll_s=0.05)
+
+
+# ---------------------------------------------------------------- decommission
+
+
+def test_decommission_with_final_snapshot_then_idempotent(rds, source):
+    result = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1", poll_s=0.05)
+    assert result["deleted"] and result["snapshot"] == "orders-db-final-1" and result["already"] is False
+    assert r.describe_instance(rds, "orders-db") is None
+    snapshot = rds.describe_db_snapshots(DBSnapshotIdentifier="orders-db-final-1")["DBSnapshots"][0]
+    assert snapshot["DBInstanceIdentifier"] == "orders-db"
+    again = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1", poll_s=0.05)
+    assert again["deleted"] and again["already"] is True
+
+
+def test_decommission_refuses_missing_instance_without_snapshot(rds):
+    with pytest.raises(r.RdsError, match="gone but final snapshot orders-db-final-1 does not exist"):
+        r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1")
+
+
+def test_decommission_refuses_deletion_protected_instance(rds, source):
+    rds.modify_db_instance(DBInstanceIdentifier="orders-db", DeletionProtection=True, ApplyImmediately=True)
+    with pytest.raises(r.RdsError, match="orders-db has deletion protection enabled"):
+        r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1")
+    assert r.describe_instance(rds, "orders-db") is not None
+
+
+def test_decommission_refuses_stale_snapshot_name(rds, source):
+    rds.create_db_snapshot(DBInstanceIdentifier="orders-db", DBSnapshotIdentifier="orders-db-final-1")
+    with pytest.raises(r.RdsError, match="already exists while orders-db is still running"):
+        r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1")
+    assert r.describe_instance(rds, "orders-db") is not None
+
+
+def test_decommission_rejects_invalid_snapshot_id_before_any_call(rds, source):
+    with pytest.raises(r.RdsError, match="must not contain '--'"):
+        r.decommission(rds, "orders-db", final_snapshot_id="orders--final")
+    assert r.describe_instance(rds, "orders-db") is not None
+
+
+def test_decommission_retries_delete_while_busy(rds, source):
+    calls = _fail_first_calls(rds, "DeleteDBInstance", "InvalidDBInstanceState", times=2)
+    result = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-2", poll_s=0.01)
+    assert len(calls) == 3 and result["deleted"] and not result["already"]
+
+
+def test_injected_fault_is_the_modeled_exception(rds, source):
+    _fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState")
+    with pytest.raises(rds.exceptions.InvalidDBInstanceStateFault):
+        rds.reboot_db_instance(DBInstanceIdentifier="orders-db")
+    assert isinstance(rds.exceptions.InvalidDBInstanceStateFault, type) and issubclass(
+        rds.exceptions.InvalidDBInstanceStateFault, ClientError)
