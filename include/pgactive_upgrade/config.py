@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,11 @@ SOURCE_INSTANCE = r"^(arn:aws[a-z-]*:rds:[a-z0-9-]+:[0-9]{12}:db:)?(?!.*--)[A-Za
 HOST_PORT = r"^[A-Za-z0-9_.-]+:[0-9]{1,5}$"
 CONN_ID = r"^[A-Za-z0-9_.-]{1,250}$"
 ENGINE_VERSION = r"^[0-9]{2}(\.[0-9]{1,2})?$"
+INSTANCE_CLASS = r"^db\.[a-z0-9]+\.[a-z0-9]+$"
+SUBNET_GROUP = r"^[A-Za-z0-9 ._-]{1,255}$"
+SECURITY_GROUP = r"^sg-[0-9a-f]{8,17}$"
+RUNTIME_API = r"^(/\S+|[A-Za-z0-9_.-]+:[0-9]{1,5})$"
+HOSTED_ZONE = r"^(/hostedzone/)?[A-Z0-9]{1,32}$"
 
 PATTERN_HINTS = {
     IDENTIFIER: "a PostgreSQL identifier (letter or underscore first, then letters, digits, _ or $; at most 63)",
@@ -24,6 +30,11 @@ PATTERN_HINTS = {
     HOST_PORT: '"host:port"',
     CONN_ID: "an Airflow connection id (letters, digits, _ . -)",
     ENGINE_VERSION: "a PostgreSQL major or major.minor version such as 17 or 17.2",
+    INSTANCE_CLASS: "an RDS instance class such as db.r6g.large",
+    SUBNET_GROUP: "a DB subnet group name (letters, digits, spaces, . _ -; at most 255)",
+    SECURITY_GROUP: "a VPC security group id such as sg-0123456789abcdef0",
+    RUNTIME_API: '"host:port" of the HAProxy runtime API or an absolute unix socket path',
+    HOSTED_ZONE: "a Route 53 hosted zone id such as Z0123456789ABC",
 }
 
 ROUTE_SCHEMA = {
@@ -47,7 +58,7 @@ TRAFFIC_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "required": ["runtime_api", "routes"],
             "properties": {
-                "runtime_api": {"type": "string", "pattern": r"^(/\S+|[A-Za-z0-9_.-]+:[0-9]{1,5})$"},
+                "runtime_api": {"type": "string", "pattern": RUNTIME_API},
                 "routes": {"type": "array", "minItems": 1, "items": ROUTE_SCHEMA},
                 "source_server": {"type": "string", "minLength": 1},
                 "target_server": {"type": "string", "minLength": 1},
@@ -59,7 +70,7 @@ TRAFFIC_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "required": ["hosted_zone_id", "routes"],
             "properties": {
-                "hosted_zone_id": {"type": "string", "pattern": r"^[A-Z0-9/a-z]+$"},
+                "hosted_zone_id": {"type": "string", "pattern": HOSTED_ZONE},
                 "ttl": {"type": "integer", "minimum": 1, "maximum": 86400},
                 "routes": {"type": "array", "minItems": 1, "items": ROUTE_SCHEMA},
                 "source_set_identifier": {"type": "string", "minLength": 1},
@@ -109,19 +120,19 @@ FIELDS: dict[str, dict] = {
         "Identifier of the new instance; empty: <source>-pg<major>.",
     ),
     "instance_class": _field(
-        {"type": "string", "pattern": r"^$|^db\.[a-z0-9]+\.[a-z0-9]+$"},
+        {"type": "string", "pattern": r"^$|" + INSTANCE_CLASS},
         "",
         "Instance class",
         "Class of the new instance, e.g. db.r6g.large; empty: the source's.",
     ),
     "db_subnet_group": _field(
-        {"type": "string", "pattern": r"^$|^[A-Za-z0-9 ._-]{1,255}$"},
+        {"type": "string", "pattern": r"^$|" + SUBNET_GROUP},
         "",
         "DB subnet group",
         "Subnet group of the new instance; empty: the source's.",
     ),
     "security_group_ids": _field(
-        {"type": "array", "items": {"type": "string", "pattern": r"^sg-[0-9a-f]{8,17}$"}, "uniqueItems": True},
+        {"type": "array", "items": {"type": "string", "pattern": SECURITY_GROUP}, "uniqueItems": True},
         [],
         "VPC security groups",
         "Security group ids of the new instance; empty: the source's.",
@@ -297,7 +308,7 @@ class UpgradeRequest:
 
 
 def defaults() -> dict[str, Any]:
-    return {name: spec["default"] for name, spec in FIELDS.items() if spec["default"] is not REQUIRED}
+    return {name: copy.deepcopy(spec["default"]) for name, spec in FIELDS.items() if spec["default"] is not REQUIRED}
 
 
 def validate(conf: Any) -> UpgradeRequest:
@@ -306,22 +317,31 @@ def validate(conf: Any) -> UpgradeRequest:
         raise RequestError([f"conf: expected a JSON object, got {type(conf).__name__}"])
     unknown = [f"{key}: unknown field (expected one of: {', '.join(FIELDS)})" for key in conf if key not in FIELDS]
     merged = {**defaults(), **{k: v for k, v in conf.items() if k in FIELDS}}
-    problems = []
+    problems, bad_fields = [], set()
     for name, spec in FIELDS.items():
-        if name not in merged:
-            problems.append(f"{name}: required, expected {spec['description']}")
-            continue
-        problems.extend(_schema_problems(name, merged[name], spec["schema"]))
-    if not problems:
-        problems.extend(_cross_field_problems(merged))
-    problems = unknown + problems
+        found = [f"{name}: required, expected {spec['description']}"] if name not in merged else _schema_problems(
+            name, merged[name], spec["schema"]
+        )
+        if found:
+            bad_fields.add(name)
+            problems.extend(found)
+    problems = unknown + problems + _cross_field_problems(merged, bad_fields)
     if problems:
         raise RequestError(problems)
     return _build(merged)
 
 
+# JSON Schema counts 10.0 as an integer; the traffic and timing code must get real ints.
+_StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    type_checker=jsonschema.Draft7Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
+
+
 def _schema_problems(name: str, value: Any, schema: dict) -> list[str]:
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    errors = sorted(_StrictValidator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
     return [f"{_path(name, error.absolute_path)}: {_describe(error)}" for error in errors]
 
 
@@ -341,11 +361,24 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _cross_field_problems(conf: dict) -> list[str]:
+def _cross_field_problems(conf: dict, bad_fields: set[str]) -> list[str]:
+    """Rules across fields; a rule whose fields already failed the schema is skipped."""
     problems = []
+    for fields, rule in _CROSS_FIELD_RULES:
+        if not bad_fields & set(fields):
+            problems.extend(rule(conf))
+    return problems
+
+
+def _phases_increase(conf: dict) -> list[str]:
     phases = conf["shift_percentages"]
     if any(b <= a for a, b in zip(phases, phases[1:])):
-        problems.append(f"shift_percentages: expected strictly increasing percentages, got {phases}")
+        return [f"shift_percentages: expected strictly increasing percentages, got {phases}"]
+    return []
+
+
+def _filters_consistent(conf: dict) -> list[str]:
+    problems = []
     for kind in ("schemas", "tables"):
         both = set(conf[f"include_{kind}"]) & set(conf[f"exclude_{kind}"])
         if both:
@@ -353,31 +386,59 @@ def _cross_field_problems(conf: dict) -> list[str]:
     excluded_schema_tables = [t for t in conf["include_tables"] if t.split(".")[0] in conf["exclude_schemas"]]
     if excluded_schema_tables:
         problems.append(f"include_tables: {excluded_schema_tables} lie in excluded schemas")
-    if conf["replication_driver"] == "pgactive":
-        problems.append("replication_driver: 'pgactive' is not built yet (issue #3); expected 'native'")
-    problems.extend(_traffic_problems(conf["traffic"]))
-    for key, value in conf["endpoint_overrides"].items():
-        port = int(value.rsplit(":", 1)[1])
-        if not 1 <= port <= 65535:
-            problems.append(f"endpoint_overrides.{key}: port {port} out of range 1-65535")
-    source = conf["source_instance"].rsplit(":", 1)[-1]
-    if conf["target_instance"] and conf["target_instance"] == source:
-        problems.append("target_instance: must differ from the source instance")
     return problems
 
 
-def _traffic_problems(traffic: dict) -> list[str]:
+def _driver_built(conf: dict) -> list[str]:
+    if conf["replication_driver"] == "pgactive":
+        return ["replication_driver: 'pgactive' is not built yet (issue #3); expected 'native'"]
+    return []
+
+
+def _ports_in_range(conf: dict) -> list[str]:
+    addresses = {f"endpoint_overrides.{key}": value for key, value in conf["endpoint_overrides"].items()}
+    haproxy = conf["traffic"].get("haproxy") or {}
+    if ":" in haproxy.get("runtime_api", "") and not haproxy["runtime_api"].startswith("/"):
+        addresses["traffic.haproxy.runtime_api"] = haproxy["runtime_api"]
+    problems = []
+    for where, value in addresses.items():
+        port = int(value.rsplit(":", 1)[1])
+        if not 1 <= port <= 65535:
+            problems.append(f"{where}: port {port} out of range 1-65535")
+    return problems
+
+
+def _target_differs(conf: dict) -> list[str]:
+    source = conf["source_instance"].rsplit(":", 1)[-1]
+    if conf["target_instance"] and conf["target_instance"].lower() == source.lower():
+        return ["target_instance: must differ from the source instance (RDS identifiers ignore case)"]
+    return []
+
+
+def _traffic_problems(conf: dict) -> list[str]:
+    traffic = conf["traffic"]
     controller = traffic["controller"]
     settings = traffic.get(controller)
     if settings is None:
         return [f"traffic.{controller}: required when traffic.controller is {controller!r}"]
+    problems = []
     names = [route["name"] for route in settings["routes"]]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        return [f"traffic.{controller}.routes: duplicate route names {duplicates}"]
+        problems.append(f"traffic.{controller}.routes: duplicate route names {duplicates}")
     if not any(route.get("carries_writes", True) for route in settings["routes"]):
-        return [f"traffic.{controller}.routes: expected at least one route that carries writes"]
-    return []
+        problems.append(f"traffic.{controller}.routes: expected at least one route that carries writes")
+    return problems
+
+
+_CROSS_FIELD_RULES = [
+    (("shift_percentages",), _phases_increase),
+    (("include_schemas", "exclude_schemas", "include_tables", "exclude_tables"), _filters_consistent),
+    (("replication_driver",), _driver_built),
+    (("endpoint_overrides", "traffic"), _ports_in_range),
+    (("source_instance", "target_instance"), _target_differs),
+    (("traffic",), _traffic_problems),
+]
 
 
 def _build(conf: dict) -> UpgradeRequest:

@@ -9,12 +9,15 @@ from typing import Any
 import structlog
 
 MAX_EVENT_BYTES = 500
+# Airflow 3.3's task supervisor re-logs each field as a keyword argument; a field named like one of
+# its own parameters ("target" killed the task process) must be renamed.
+RESERVED_FIELDS = frozenset({"target", "level", "msg", "event", "timestamp", "logger"})
 _log = structlog.get_logger("pgactive_upgrade")
 
 
 def emit(event: str, level: int = logging.INFO, **fields: Any) -> dict[str, Any]:
     """Log one event; oversize values are shortened so the JSON line stays under MAX_EVENT_BYTES."""
-    fields = {key: _jsonable(value) for key, value in fields.items()}
+    fields = {(f"{key}_" if key in RESERVED_FIELDS else key): _jsonable(value) for key, value in fields.items()}
     while len(json.dumps({"event": event, **fields})) > MAX_EVENT_BYTES - 120 and fields:
         key = max(fields, key=lambda k: len(json.dumps(fields[k])))
         text = json.dumps(fields[key])

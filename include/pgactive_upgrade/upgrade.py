@@ -179,7 +179,7 @@ class Upgrade:
             master_password=self.admin.password,
             tags={"pgactive-upgrade:source": self.source.identifier},
         )
-        emit("target_provisioned", target=info.identifier, status=info.status, instance_class=info.instance_class)
+        emit("target_provisioned", target_instance=info.identifier, status=info.status, instance_class=info.instance_class)
         return {"target": info.identifier, "status": info.status, "parameter_group": self.parameter_group}
 
     def configure_parameters(self) -> dict:
@@ -193,7 +193,7 @@ class Upgrade:
         rebooted = changed or attached or rds.needs_reboot(info)
         if rebooted:
             info = rds.reboot_and_wait(self.rds_client, self.target_id)
-        emit("parameters_applied", target=self.target_id, rebooted=rebooted)
+        emit("parameters_applied", target_instance=self.target_id, rebooted=rebooted)
         return {"parameter_group": self.parameter_group, "rebooted": rebooted}
 
     def install(self) -> dict:
