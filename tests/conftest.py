@@ -18,6 +18,7 @@ TEST_STATE_DIR = Path(os.environ.get("PGU_TEST_STATE_DIR", ".local/test"))
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: needs the local topology (PostgreSQL, moto, HAProxy)")
     config.addinivalue_line("markers", "e2e: end-to-end run of the upgrade against the local topology")
+    config.addinivalue_line("markers", "airflow: needs a real local Airflow (api-server, scheduler, triggerer)")
 
 
 @pytest.fixture(scope="session")

@@ -91,9 +91,15 @@ class Route53Controller(TrafficController):
                     records.append(record)
                 if not page.get("IsTruncated"):
                     return records
-                kwargs.update(StartRecordName=page["NextRecordName"], StartRecordType=page["NextRecordType"])
+                cursor = {"StartRecordName": page["NextRecordName"], "StartRecordType": page["NextRecordType"]}
                 if "NextRecordIdentifier" in page:
-                    kwargs["StartRecordIdentifier"] = page["NextRecordIdentifier"]
+                    cursor["StartRecordIdentifier"] = page["NextRecordIdentifier"]
+                previous = {k: kwargs.pop(k) for k in ("StartRecordName", "StartRecordType", "StartRecordIdentifier")
+                            if k in kwargs}
+                if cursor == previous:
+                    raise TrafficError(f"Route 53 zone {self.hosted_zone_id}: listing {name} does not advance "
+                                       f"past {cursor}")
+                kwargs.update(cursor)
         except (BotoCoreError, ClientError) as exc:
             raise TrafficError(f"Route 53 zone {self.hosted_zone_id}: reading {name} failed: {exc}") from exc
 

@@ -1,0 +1,128 @@
+"""Under a real api-server, scheduler and triggerer: the deferrable sync sensor, and conf refused at trigger."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pgactive_upgrade.db import Credentials
+from pgactive_upgrade import config
+from pgactive_upgrade.upgrade import Upgrade
+from topology.airflow_local import AirflowApiError, LocalAirflow
+from topology.demo import demo_conf
+
+pytestmark = [pytest.mark.integration, pytest.mark.airflow]
+
+REPO = Path(__file__).resolve().parents[2]
+SENSOR_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from pgactive_upgrade.airflow.operators import WaitForSyncSensor
+from pgactive_upgrade.airflow.params import upgrade_params
+
+with DAG(dag_id="sync_sensor_probe", schedule=None, start_date=datetime(2025, 1, 1), params=upgrade_params()):
+    WaitForSyncSensor(task_id="wait_for_sync", timeout=300, poll_interval=1)
+'''
+
+
+@pytest.fixture(scope="module")
+def airflow(topology, tmp_path_factory):
+    base = tmp_path_factory.mktemp("airflow_real")
+    dags, plugins = base / "dags", base / "plugins"
+    dags.mkdir()
+    plugins.mkdir()
+    (dags / "sync_sensor_probe.py").write_text(SENSOR_DAG)
+    (dags / "pgactive_rolling_upgrade.py").symlink_to(REPO / "dags" / "pgactive_rolling_upgrade.py")
+    instance = LocalAirflow(
+        home=base / "home",
+        dags_folder=dags,
+        plugins_folder=plugins,
+        port=topology.ports.airflow_api + 1,
+        extra_env={**topology.airflow_connections_env(), "PGU_PG_BIN_DIRS": str(topology.new_pg.bin_dir)},
+        python_paths=[REPO / "include", REPO],
+    )
+    instance.start(timeout=180)
+    yield instance
+    instance.stop()
+
+
+def replicating_but_paused(topo, monkeypatch) -> dict:
+    """Forward replication built by the domain steps, then paused so the sensor must defer."""
+    monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
+    conf = demo_conf(topo)
+    upgrade = Upgrade(
+        config.validate(conf),
+        topo.aws_client("rds"),
+        Credentials("postgres", topo.credentials["postgres"]),
+        Credentials("replicator", topo.credentials["replicator"]),
+        dbname="app",
+    )
+    for step in (upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters, upgrade.install, upgrade.build_group):
+        step()
+    with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        cursor.execute("ALTER SUBSCRIPTION pgu_orders_db_fwd DISABLE")
+    return conf
+
+
+def wait_for_state(airflow: LocalAirflow, dag_id: str, run_id: str, task_id: str, wanted: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances(dag_id, run_id)}
+        if states.get(task_id) == wanted:
+            return
+        assert states.get(task_id) not in ("failed", "upstream_failed"), states
+        time.sleep(0.3)
+    raise AssertionError(f"{task_id} never reached {wanted}: {states}")
+
+
+def test_sync_sensor_defers_to_the_real_triggerer_and_completes_when_replication_catches_up(
+    airflow, fresh_databases, monkeypatch
+):
+    topo = fresh_databases
+    conf = replicating_but_paused(topo, monkeypatch)
+    airflow.wait_for_dag("sync_sensor_probe")
+    run_id = airflow.trigger("sync_sensor_probe", conf)
+
+    wait_for_state(airflow, "sync_sensor_probe", run_id, "wait_for_sync", "deferred", timeout=90)
+    time.sleep(2)  # a few polls in the triggerer while replication is paused: still deferred
+    states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("sync_sensor_probe", run_id)}
+    assert states["wait_for_sync"] == "deferred"
+
+    with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        cursor.execute("ALTER SUBSCRIPTION pgu_orders_db_fwd ENABLE")
+    assert airflow.wait_for_run("sync_sensor_probe", run_id, timeout=120) == "success"
+    assert airflow.saw_deferred("sync_sensor_probe", run_id, "wait_for_sync")
+    task_log = str(airflow.task_log("sync_sensor_probe", run_id, "wait_for_sync", 1))
+    assert "synced=False" in task_log, "the trigger's polls while paused belong in the task log"
+    everything = task_log + (airflow.home / "run" / "triggerer.log").read_text()
+    assert topo.credentials["postgres"] not in everything and topo.credentials["replicator"] not in everything
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"source_instance": "orders--db"}, "source_instance"),
+        ({"shift_percentages": [10, 500]}, "shift_percentages"),
+        ({"replication_driver": "bdr"}, "replication_driver"),
+        ({"decommission": "destroy"}, "decommission"),
+    ],
+)
+def test_rest_api_refuses_invalid_conf_naming_the_field(airflow, topology, bad, field):
+    airflow.wait_for_dag("pgactive_rolling_upgrade")
+    with pytest.raises(AirflowApiError) as refused:
+        airflow.trigger("pgactive_rolling_upgrade", {**demo_conf(topology), **bad})
+    assert refused.value.status == 400
+    assert field in str(refused.value)
+
+
+def test_unknown_conf_key_passes_the_api_but_the_first_task_refuses_it(airflow, topology):
+    airflow.wait_for_dag("pgactive_rolling_upgrade")
+    run_id = airflow.trigger("pgactive_rolling_upgrade", {**demo_conf(topology), "source_instanse": "typo"})
+    assert airflow.wait_for_run("pgactive_rolling_upgrade", run_id, timeout=120) == "failed"
+    states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("pgactive_rolling_upgrade", run_id)}
+    assert states["validate_request"] == "failed"
+    assert states["preflight"] == "upstream_failed"
+    log = str(airflow.task_log("pgactive_rolling_upgrade", run_id, "validate_request", 1))
+    assert "source_instanse: unknown field" in log
