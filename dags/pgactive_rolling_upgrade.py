@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, TaskGroup, chain
+from airflow.sdk import DAG, TaskGroup, chain, task_group
 
 from pgactive_upgrade.airflow.operators import (
     BuildReplicationOperator,
@@ -22,9 +22,11 @@ from pgactive_upgrade.airflow.operators import (
     DecommissionSourceOperator,
     DetachOldNodeOperator,
     InstallExtensionOperator,
+    PhaseGateSensor,
+    PhaseHealthCheckOperator,
     PreflightOperator,
     ProvisionTargetOperator,
-    ShiftTrafficOperator,
+    ShiftPhaseOperator,
     ValidateRequestOperator,
     VerifyOperator,
     WaitForSyncSensor,
@@ -55,9 +57,24 @@ with DAG(
     with TaskGroup("init_replication_group") as init_replication_group:
         BuildReplicationOperator(task_id="build_replication", execution_timeout=timedelta(minutes=30))
     wait_for_sync = WaitForSyncSensor(task_id="wait_for_sync", timeout=timedelta(hours=24).total_seconds(), poll_interval=5)
-    shift_traffic = ShiftTrafficOperator(task_id="shift_traffic", execution_timeout=timedelta(minutes=10) * 20)
+
+    @task_group(group_id="traffic_phase")
+    def traffic_phase(percent):
+        """One phase: wait for the previous phase's checks, move the split, settle and check."""
+        chain(
+            PhaseGateSensor(
+                task_id="wait_for_previous_phase", check_task_id="traffic_phase.health_check", timeout=timedelta(hours=6)
+            ),
+            ShiftPhaseOperator(task_id="shift", percent=percent, execution_timeout=timedelta(minutes=10)),
+            PhaseHealthCheckOperator(
+                task_id="health_check", percent=percent, execution_timeout=timedelta(minutes=5) + timedelta(hours=1)
+            ),  # the settle time (at most 1 h) plus the PRD's 5 min of checks
+        )
+
+    traffic_phases = traffic_phase.expand(percent=validate_request.output)
     # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
-    cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
+    # none_failed: with no phases configured the mapped group expands to nothing and is skipped.
+    cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11), trigger_rule="none_failed")
     verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(minutes=10))
     detach_old_node = DetachOldNodeOperator(task_id="detach_old_node", execution_timeout=timedelta(minutes=5))
     decommission_source = DecommissionSourceOperator(task_id="decommission_source", execution_timeout=timedelta(minutes=10))
@@ -70,7 +87,7 @@ with DAG(
         install_extension,
         init_replication_group,
         wait_for_sync,
-        shift_traffic,
+        traffic_phases,
         cutover,
         verify,
         detach_old_node,

@@ -179,6 +179,25 @@ FIELDS: dict[str, dict] = {
         "Settle time per phase (s)",
         "How long each phase holds its split before its health checks run.",
     ),
+    "shift_mode": _field(
+        {"type": "string", "enum": ["percent", "units"]},
+        "percent",
+        "Shift mode",
+        "percent: each movable route carries the phase's share on the new instance. units: whole routes "
+        "(sticky units such as one service per record) move, the phase's share of them, in the listed order.",
+    ),
+    "health_probes": _field(
+        {"type": "array", "maxItems": 10, "items": {"type": "string", "minLength": 1, "maxLength": 2000}},
+        [],
+        "Health probe queries",
+        "Extra read-only SQL run on the new instance after each phase; each must succeed within the probe budget.",
+    ),
+    "probe_budget_ms": _field(
+        {"type": "integer", "minimum": 10, "maximum": 60000},
+        1000,
+        "Probe latency budget (ms)",
+        "Connecting to the new instance and each probe query must finish within this many milliseconds.",
+    ),
     "lag_threshold_bytes": _field(
         {"type": "integer", "minimum": 0, "maximum": 1 << 40},
         1 << 20,
@@ -250,6 +269,23 @@ FIELDS: dict[str, dict] = {
 }
 
 
+ROLLBACK_FIELDS: dict[str, dict] = {
+    "source_instance": FIELDS["source_instance"],
+    "reason": _field(
+        {"type": "string", "minLength": 3, "maxLength": 500},
+        REQUIRED,
+        "Reason",
+        "Why the upgrade is rolled back; kept in the run history for the audit trail.",
+    ),
+    "requested_by": _field(
+        {"type": "string", "maxLength": 200},
+        "",
+        "Requested by",
+        "Who asks for the rollback; empty: the user who triggered this run.",
+    ),
+}
+
+
 class RequestError(ValueError):
     """Invalid upgrade request; the message names every offending field."""
 
@@ -285,6 +321,9 @@ class UpgradeRequest:
     replication_driver: str = "native"
     filters: Filters = field(default_factory=Filters)
     shift_percentages: tuple[int, ...] = (10, 50)
+    shift_mode: str = "percent"
+    health_probes: tuple[str, ...] = ()
+    probe_budget_ms: int = 1000
     phase_settle_seconds: int = 60
     lag_threshold_bytes: int = 1 << 20
     lag_escalation_minutes: int = 15
@@ -307,8 +346,34 @@ class UpgradeRequest:
         return int(self.target_engine_version.split(".")[0])
 
 
-def defaults() -> dict[str, Any]:
-    return {name: copy.deepcopy(spec["default"]) for name, spec in FIELDS.items() if spec["default"] is not REQUIRED}
+def defaults(fields: dict[str, dict] = FIELDS) -> dict[str, Any]:
+    return {name: copy.deepcopy(spec["default"]) for name, spec in fields.items() if spec["default"] is not REQUIRED}
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    source_instance: str
+    reason: str
+    requested_by: str = ""
+
+    @property
+    def source_identifier(self) -> str:
+        return self.source_instance.rsplit(":", 1)[-1]
+
+
+def validate_rollback(conf: Any) -> RollbackRequest:
+    if not isinstance(conf, dict):
+        raise RequestError([f"conf: expected a JSON object, got {type(conf).__name__}"])
+    problems = [f"{key}: unknown field (expected one of: {', '.join(ROLLBACK_FIELDS)})" for key in conf if key not in ROLLBACK_FIELDS]
+    merged = {**defaults(ROLLBACK_FIELDS), **{k: v for k, v in conf.items() if k in ROLLBACK_FIELDS}}
+    for name, spec in ROLLBACK_FIELDS.items():
+        if name not in merged:
+            problems.append(f"{name}: required, expected {spec['description']}")
+        else:
+            problems.extend(_schema_problems(name, merged[name], spec["schema"]))
+    if problems:
+        raise RequestError(problems)
+    return RollbackRequest(**merged)
 
 
 def validate(conf: Any) -> UpgradeRequest:
@@ -443,7 +508,7 @@ _CROSS_FIELD_RULES = [
 
 def _build(conf: dict) -> UpgradeRequest:
     filters = Filters(**{k: tuple(conf.pop(k)) for k in ("include_schemas", "exclude_schemas", "include_tables", "exclude_tables")})
-    tuples = {k: tuple(conf[k]) for k in ("security_group_ids", "shift_percentages", "application_roles")}
+    tuples = {k: tuple(conf[k]) for k in ("security_group_ids", "shift_percentages", "application_roles", "health_probes")}
     return UpgradeRequest(**{**conf, **tuples, "filters": filters})
 
 

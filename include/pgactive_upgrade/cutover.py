@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pgactive_upgrade import fencing, sequences
 from pgactive_upgrade.catalog import Sequence
@@ -31,14 +32,17 @@ class Cutover:
     sequences: list[Sequence]
     deadline_seconds: float
     token: str
+    halted: Callable[[], None] = lambda: None  # raises when a rollback asked the upgrade to stop
     poll_seconds: float = 0.005
     timings_ms: dict = field(default_factory=dict)
 
     def run(self) -> dict:
+        self.halted()
         if self.driver.cut_over_already():
             return self._finish_already_done()
-        started = time.monotonic()
         previous = self.controller.read_split()
+        self._step("before_fence", self.driver.before_fence)
+        started = time.monotonic()
         with connected(self.source, self.admin) as source, connected(self.target, self.admin) as target:
             fenced_at = time.monotonic()
             try:
@@ -46,11 +50,11 @@ class Cutover:
                 self._step("marker_written", self.driver.write_marker, source, self.token)
                 self._step("caught_up", self._wait_for_marker, target, started)
                 moved = self._step("sequences", sequences.move_forward, source, target, self.sequences)
-                self._step("reverse_prepared", self.driver.prepare_reverse)
+                self._step("reverse_prepared", self.driver.prepare_reverse, target)
                 # Before the switch: a session opened on a fenced database keeps its read-only default.
                 self._step("target_unfenced", fencing.unfence, target, self.target.dbname, self.roles)
                 self._check_deadline(started, "before the traffic switch")
-                self._step("switched", self._switch_all)
+                self._step("switched", self.controller.switch, 100, "source")
             except Exception as error:
                 self._undo(source, target, previous)
                 raise CutoverError(
@@ -61,13 +65,16 @@ class Cutover:
             # Sessions that reconnected to the source inside the fence are read-only: end them too.
             ended += self._step("source_sessions_ended", fencing.end_sessions, source, self.source.dbname, self.roles)
         reverse = self._step("reverse_started", self.driver.after_switch)
+        split = self.controller.read_split()
+        if any(percent != 100 for percent in split.values()):
+            raise CutoverError(f"traffic switched but the split reads back as {split}; set it to 100 % by hand")
         result = {
             "write_unavailable_ms": unavailable_ms,
             "total_ms": self._ms(started),
             "sessions_ended": ended,
             "sequences_moved": len(moved),
             "roles_fenced": self.roles,
-            "split": self.controller.read_split(),
+            "split": split,
             "steps_ms": self.timings_ms,
             "replication": reverse,
         }
@@ -93,12 +100,6 @@ class Cutover:
             self._check_deadline(started, "while waiting for the target to catch up")
             time.sleep(self.poll_seconds)
 
-    def _switch_all(self) -> None:
-        self.controller.set_target_percent(100)
-        close = getattr(self.controller, "close_source_sessions", None)
-        if close:
-            close([route.name for route in self.controller.routes])
-
     def _undo(self, source, target, previous: dict[str, int]) -> None:
         """Every undo action runs even when an earlier one fails; failures are reported together."""
         actions = [
@@ -119,6 +120,12 @@ class Cutover:
             raise CutoverError("cutover failed and its undo did not complete: " + "; ".join(failed))
 
     def _finish_already_done(self) -> dict:
+        with connected(self.source, self.admin) as source:
+            if not fencing.fenced_roles(source, self.source.dbname):
+                raise CutoverError(
+                    "replication was reversed by an earlier cutover, but the source takes writes again: the upgrade was "
+                    "rolled back after cutover. Cutting over again needs a new upgrade from a fresh target."
+                )
         self.controller.set_target_percent(100)
         with connected(self.target, self.admin) as target:
             fencing.unfence(target, self.target.dbname, self.roles)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,6 +13,7 @@ from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connected, override_endpoint, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import Lag, Link, Node, ReplicationDriver, driver_for
+from pgactive_upgrade.rollback import Rollback
 from pgactive_upgrade.tools import find_program
 from pgactive_upgrade.traffic import build_controller
 from pgactive_upgrade.traffic.base import TrafficController
@@ -216,13 +218,22 @@ class Upgrade:
     def lag(self) -> Lag:
         return self.driver().lag()
 
+    def movable_routes(self, controller: TrafficController, driver: ReplicationDriver) -> list[str]:
+        """Routes that may move before cutover: all with active-active replication, else read-only ones."""
+        return [r.name for r in controller.routes if driver.active_active or not r.carries_writes]
+
     def shift(self, percent: int) -> dict:
         driver, controller = self.driver(), self.controller()
-        routes = [r.name for r in controller.routes if driver.active_active or not r.carries_writes]
+        routes = self.movable_routes(controller, driver)
         if not routes:
             emit("phase_skipped", percent=percent, reason="one-way replication: writes move only at cutover")
             return {"percent": percent, "routes": [], "split": controller.read_split()}
-        split = controller.set_target_percent(percent, routes)
+        if self.request.shift_mode == "units":
+            moved = routes[: math.ceil(len(routes) * percent / 100)]
+            controller.set_target_percent(100, moved)
+            split = controller.set_target_percent(0, routes[len(moved):]) if routes[len(moved):] else controller.read_split()
+        else:
+            split = controller.set_target_percent(percent, routes)
         emit("phase_shifted", percent=percent, routes=routes, split=split)
         return {"percent": percent, "routes": routes, "split": split}
 
@@ -232,16 +243,49 @@ class Upgrade:
         lag = driver.lag()
         if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
             problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
-        started = time.monotonic()
-        try:
-            with connected(self.endpoint(self.target()), self.admin, connect_timeout=5) as connection:
-                query(connection, "SELECT 1")
-        except Exception as error:
-            problems.append(f"target does not answer: {type(error).__name__}")
-        emit("health_checked", problems=len(problems), probe_ms=round((time.monotonic() - started) * 1000, 1))
+        problems += self._probe_problems()
+        emit("health_checked", problems=len(problems))
         return problems
 
-    def cutover(self, token: str) -> dict:
+    def _probe_problems(self) -> list[str]:
+        """The target answers, and each probe query succeeds, within the latency budget."""
+        budget = self.request.probe_budget_ms
+        started = time.monotonic()
+        try:
+            with connected(self.endpoint(self.target()), self.admin, connect_timeout=max(2, math.ceil(budget / 1000))) as connection:
+                query(connection, "SELECT set_config('statement_timeout', %s, false)", (str(budget),))
+                query(connection, "SET default_transaction_read_only = on")
+                timings = {"connect+SELECT 1": self._timed(connection, "SELECT 1", started)}
+                for index, probe in enumerate(self.request.health_probes):
+                    timings[f"health_probes[{index}]"] = self._timed(connection, probe, time.monotonic())
+        except Exception as error:
+            return [f"target probe failed: {type(error).__name__}: {str(error).strip()[:200]}"]
+        slow = {name: ms for name, ms in timings.items() if ms > budget}
+        return [f"{name} took {ms} ms, over the {budget} ms budget" for name, ms in slow.items()]
+
+    @staticmethod
+    def _timed(connection, statement: str, started: float) -> float:
+        query(connection, statement)
+        return round((time.monotonic() - started) * 1000, 1)
+
+    def rollback(self, token: str) -> dict:
+        driver, target = self.driver(), self.target()
+        with connected(self.endpoint(self.source), self.admin) as connection:
+            roles = self.application_roles(connection)
+            seqs = catalog.sequences(connection, self.request.filters)
+        return Rollback(
+            driver=driver,
+            controller=self.controller(target),
+            source=self.endpoint(self.source),
+            target=self.endpoint(target),
+            admin=self.admin,
+            roles=roles,
+            sequences=seqs,
+            deadline_seconds=self.request.cutover_deadline_seconds,
+            token=token,
+        ).run()
+
+    def cutover(self, token: str, halted=lambda: None) -> dict:
         driver, target = self.driver(), self.target()
         source_endpoint = self.endpoint(self.source)
         with connected(source_endpoint, self.admin) as connection:
@@ -257,6 +301,7 @@ class Upgrade:
             sequences=seqs,
             deadline_seconds=self.request.cutover_deadline_seconds,
             token=token,
+            halted=halted,
         ).run()
 
     def verify(self, attempts: int = 10, pause: float = 1.0) -> dict:

@@ -96,6 +96,11 @@ REJECTIONS = [
     single("shift_percentages", [50, 10], "expected strictly increasing percentages", cross_field=True),
     single("shift_percentages", [10, 10, 50], "expected strictly increasing percentages", cross_field=True),
     single("shift_percentages", ["10"], "is not of type 'integer'", path="shift_percentages[0]"),
+    # shift_mode, health_probes, probe_budget_ms
+    single("shift_mode", "gradual", "is not one of"),
+    single("health_probes", [""], "should be non-empty", path="health_probes[0]"),
+    single("health_probes", ["SELECT 1"] * 11, "is too long"),
+    single("probe_budget_ms", 5, "less than the minimum of 10"),
     # integers
     single("phase_settle_seconds", -1, "less than the minimum of 0"),
     single("phase_settle_seconds", 3601, "greater than the maximum of 3600"),
@@ -290,6 +295,9 @@ def test_full_conf_round_trips_into_upgrade_request():
         "include_tables": ["sales.orders"],
         "exclude_tables": ["billing.tmp"],
         "shift_percentages": [5, 25, 75],
+        "shift_mode": "units",
+        "health_probes": ["SELECT count(*) FROM sales.orders"],
+        "probe_budget_ms": 250,
         "phase_settle_seconds": 0,
         "lag_threshold_bytes": 1 << 40,
         "lag_escalation_minutes": 1440,
@@ -311,11 +319,12 @@ def test_full_conf_round_trips_into_upgrade_request():
         replication_driver="native",
         filters=Filters(include_schemas=("sales", "billing"), exclude_schemas=("audit",), include_tables=("sales.orders",),
                         exclude_tables=("billing.tmp",)),
-        shift_percentages=(5, 25, 75), phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440,
+        shift_percentages=(5, 25, 75), shift_mode="units", health_probes=("SELECT count(*) FROM sales.orders",),
+        probe_budget_ms=250, phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440,
         cutover_deadline_seconds=5, application_roles=("app", "report$ro"), traffic=traffic, decommission="delete",
         final_snapshot_id="orders-db-final", endpoint_overrides={"orders-db": "127.0.0.1:26415"}, aws_conn_id="aws.prod",
         db_conn_id="db-admin", replication_conn_id="repl_user")
-    for name in ("security_group_ids", "shift_percentages", "application_roles"):
+    for name in ("security_group_ids", "shift_percentages", "application_roles", "health_probes"):
         assert type(getattr(request, name)) is tuple
     assert type(request.filters) is Filters
     assert all(type(getattr(request.filters, name)) is tuple for name in ("include_schemas", "exclude_schemas",

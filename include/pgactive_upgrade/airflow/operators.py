@@ -7,9 +7,11 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, BaseSensorOperator
+from airflow.sdk.exceptions import AirflowFailException
 
-from pgactive_upgrade import config
-from pgactive_upgrade.airflow.session import request_from, upgrade_from
+from pgactive_upgrade import config, progress
+from pgactive_upgrade.airflow import state
+from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf
 from pgactive_upgrade.airflow.triggers import ReplicationLagTrigger
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.events import emit
@@ -17,25 +19,35 @@ from pgactive_upgrade.upgrade import Upgrade
 
 
 class UpgradeStepOperator(BaseOperator):
-    """Base: builds the Upgrade from the run's conf and connections, then runs `step`."""
+    """Base: refuses to act once a rollback halted the run, records progress, then runs `step`."""
 
     ui_color = "#e8f4fd"
 
     def execute(self, context) -> Any:
-        return self.step(upgrade_from(context), context)
+        upgrade = upgrade_from(context)
+        source = upgrade.request.source_identifier
+        state.check_not_halted(context, source)
+        state.record_step(context, source, self.task_id, "running")
+        result = self.step(upgrade, context)
+        state.record_step(context, source, self.task_id, "done", **self.progress_fields(result))
+        return result
 
     def step(self, upgrade: Upgrade, context) -> Any:
         raise NotImplementedError
 
+    def progress_fields(self, result: Any) -> dict:
+        return {}
+
 
 class ValidateRequestOperator(BaseOperator):
-    """Refuses bad conf (including unknown keys) before anything is touched."""
+    """Refuses bad conf (including unknown keys) before anything is touched; returns the phases to map over."""
 
-    def execute(self, context) -> dict:
+    def execute(self, context) -> list[int]:
         request = request_from(context)
+        state.record_step(context, request.source_identifier, self.task_id, "done")
         emit("request_valid", source=request.source_instance, target_version=request.target_engine_version,
              driver=request.replication_driver, phases=list(request.shift_percentages))
-        return {"source_instance": request.source_instance, "target_engine_version": request.target_engine_version}
+        return list(request.shift_percentages)
 
 
 class PreflightOperator(UpgradeStepOperator):
@@ -73,6 +85,8 @@ class WaitForSyncSensor(BaseSensorOperator):
     def execute(self, context) -> Any:
         upgrade = upgrade_from(context)
         request = upgrade.request
+        state.check_not_halted(context, request.source_identifier)
+        state.record_step(context, request.source_identifier, self.task_id, "waiting")
         lag = upgrade.lag()
         if lag.within(request.lag_threshold_bytes):
             emit("in_sync", lag_bytes=lag.bytes, detail=lag.detail)
@@ -87,6 +101,8 @@ class WaitForSyncSensor(BaseSensorOperator):
                 replication_user=upgrade.replication.user,
                 threshold_bytes=request.lag_threshold_bytes,
                 escalate_after_seconds=request.lag_escalation_minutes * 60,
+                halt_key=progress.halt_key(request.source_identifier),
+                run_id=context["run_id"],
                 poll_interval=self.poll_interval,
             ),
             method_name="execute_complete",
@@ -94,6 +110,8 @@ class WaitForSyncSensor(BaseSensorOperator):
         )
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict:
+        if event.get("status") == "halted":
+            raise AirflowFailException(f"halted by rollback while waiting for sync: {event['halt']}")
         if event.get("status") != "synced":
             raise RuntimeError(f"replication did not reach sync: {event}")
         emit("in_sync", lag_bytes=event["lag_bytes"], polls=event["polls"])
@@ -105,33 +123,92 @@ def _node_spec(node) -> dict:
     return {"identifier": node.identifier, "host": endpoint.host, "port": endpoint.port, "dbname": endpoint.dbname}
 
 
-class ShiftTrafficOperator(UpgradeStepOperator):
-    """Runs the phases in order; after each: settle, health checks; on a failure, back to the last healthy split."""
+class PhaseGateSensor(BaseSensorOperator):
+    """Phase n waits here until phase n-1's health check succeeded: mapped instances have no order of their own."""
+
+    template_fields = ("phase_index",)
+
+    def __init__(self, *, phase_index: Any = None, check_task_id: str, **kwargs):
+        kwargs.setdefault("poke_interval", 1)
+        kwargs.setdefault("mode", "poke")
+        super().__init__(**kwargs)
+        self.phase_index = phase_index
+        self.check_task_id = check_task_id
+
+    def poke(self, context) -> bool:
+        request = request_from(context)
+        state.check_not_halted(context, request.source_identifier)
+        index = context["ti"].map_index
+        if index <= 0:
+            return True
+        ti, run_id = context["ti"], context["run_id"]
+        counts = {
+            wanted: ti.get_ti_count(
+                dag_id=ti.dag_id, task_ids=[self.check_task_id], map_index=index - 1, run_ids=[run_id], states=[wanted]
+            )
+            for wanted in ("success", "failed", "upstream_failed", "skipped")
+        }
+        if counts["success"]:
+            return True
+        stopped = [s for s in ("failed", "upstream_failed", "skipped") if counts[s]]
+        if stopped:
+            raise AirflowFailException(f"phase {index - 1} ended {stopped[0]}: phase {index} does not start")
+        return False
+
+
+class ShiftPhaseOperator(UpgradeStepOperator):
+    template_fields = ("percent",)
+
+    def __init__(self, *, percent: Any, **kwargs):
+        super().__init__(**kwargs)
+        self.percent = percent
 
     def step(self, upgrade, context):
+        return upgrade.shift(int(self.percent))
+
+    def progress_fields(self, result):
+        return {"phase": self.task_id, "percent": result["percent"], "split": result["split"]}
+
+
+class PhaseHealthCheckOperator(UpgradeStepOperator):
+    """Settle, then check; on a failure, back to the last healthy split and stop the run for an operator."""
+
+    template_fields = ("percent",)
+
+    def __init__(self, *, percent: Any, **kwargs):
+        super().__init__(**kwargs)
+        self.percent = percent
+
+    def step(self, upgrade, context):
+        time.sleep(upgrade.request.phase_settle_seconds)
+        state.check_not_halted(context, upgrade.request.source_identifier)
+        problems = upgrade.health_problems()
+        if not problems:
+            return {"percent": int(self.percent), "healthy": True}
+        restored = self._restore_last_healthy(upgrade, context)
+        emit("phase_failed", percent=int(self.percent), problems=problems, restored=restored)
+        raise AirflowFailException(
+            f"health checks failed at {self.percent} %: {'; '.join(problems)}; traffic restored to {restored}. "
+            "Fix the cause and clear the failed tasks (only_failed), or trigger pgactive_upgrade_rollback."
+        )
+
+    def _restore_last_healthy(self, upgrade: Upgrade, context) -> dict:
+        index = context["ti"].map_index
+        if index > 0:
+            return upgrade.shift(upgrade.request.shift_percentages[index - 1])["split"]
+        before = context["ti"].xcom_pull(task_ids="preflight") or {}
         controller = upgrade.controller()
-        healthy_split = controller.read_split()
-        phases = []
-        for percent in upgrade.request.shift_percentages:
-            phase = upgrade.shift(percent)
-            time.sleep(upgrade.request.phase_settle_seconds)
-            problems = upgrade.health_problems()
-            if problems:
-                restore_split(controller, healthy_split)
-                emit("phase_failed", percent=percent, problems=problems, restored=healthy_split)
-                raise RuntimeError(
-                    f"health checks failed at {percent} %: {'; '.join(problems)}; traffic restored to {healthy_split}. "
-                    "Fix the cause and clear this task, or trigger pgactive_upgrade_rollback."
-                )
-            healthy_split = phase["split"]
-            phases.append(phase)
-        return {"phases": phases, "split": healthy_split}
+        restore_split(controller, before.get("split") or {r.name: 0 for r in controller.routes})
+        return controller.read_split()
 
 
 class CutoverOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
         token = f"{context['run_id']}#{context['ti'].try_number}"
-        return upgrade.cutover(token)
+        return upgrade.cutover(token, halted=lambda: state.check_not_halted(context, upgrade.request.source_identifier))
+
+    def progress_fields(self, result):
+        return {"phase": "cutover", "percent": 100, "split": result.get("split")}
 
 
 class VerifyOperator(UpgradeStepOperator):
@@ -154,3 +231,44 @@ def final_snapshot_id(request: config.UpgradeRequest, context) -> str:
         return request.final_snapshot_id
     stamp = context["dag_run"].run_after.strftime("%Y%m%d%H%M%S")
     return f"{request.source_identifier[:40]}-final-{stamp}"
+
+
+class RollbackOperator(BaseOperator):
+    """Halts the upgrade run of the named source, returns every route to the source, keeps replication running."""
+
+    def __init__(self, *, wait_for_running_seconds: float = 70, **kwargs):
+        super().__init__(**kwargs)
+        self.wait_for_running_seconds = wait_for_running_seconds
+
+    def execute(self, context) -> dict:
+        ask = config.validate_rollback(dict(context["dag_run"].conf or {}))
+        record = state.read(progress.record_key(ask.source_identifier))
+        if not record:
+            raise AirflowFailException(f"source_instance: no upgrade of {ask.source_identifier!r} is recorded here")
+        requested_by = ask.requested_by or _triggering_user(context)
+        halt = progress.halt_record(
+            run_id=record["run_id"], requested_by=requested_by, reason=ask.reason, rollback_run_id=context["run_id"]
+        )
+        state.write(progress.halt_key(ask.source_identifier), halt)
+        emit("rollback_requested", upgrade_run=record["run_id"], by=requested_by, reason=ask.reason, step=record.get("step"))
+        self._wait_for_running_steps(context, record)
+        upgrade = upgrade_from_conf(record["conf"])
+        result = upgrade.rollback(token=f"rollback:{context['run_id']}#{context['ti'].try_number}")
+        state.write(progress.record_key(ask.source_identifier), {**record, "state": "rolled_back", "rollback": halt,
+                                                                    "split": result["split"], "updated_at": progress.now()})
+        emit("rolled_back", upgrade_run=record["run_id"], total_ms=result["total_ms"], after_cutover=result["after_cutover"])
+        return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason, **result}
+
+    def _wait_for_running_steps(self, context, record: dict) -> None:
+        """A step already past its halt check (a cutover mid-switch) finishes first; gates and sensors stop on the flag."""
+        ti, deadline = context["ti"], time.monotonic() + self.wait_for_running_seconds
+        while time.monotonic() < deadline:
+            running = ti.get_ti_count(dag_id=record["dag_id"], run_ids=[record["run_id"]], states=["running"])
+            if not running:
+                return
+            time.sleep(0.2)
+        emit("upgrade_still_running", upgrade_run=record["run_id"], waited_s=self.wait_for_running_seconds)
+
+
+def _triggering_user(context) -> str:
+    return getattr(context["dag_run"], "triggering_user_name", None) or "unknown"

@@ -24,7 +24,14 @@ def credentials(conn_id: str) -> tuple[Credentials, str]:
 
 
 def upgrade_from(context) -> Upgrade:
-    request = request_from(context)
+    return upgrade_from_request(request_from(context))
+
+
+def upgrade_from_conf(conf: dict) -> Upgrade:
+    return upgrade_from_request(config.validate(conf))
+
+
+def upgrade_from_request(request: config.UpgradeRequest) -> Upgrade:
     admin, dbname = credentials(request.db_conn_id)
     replication, _ = credentials(request.replication_conn_id)
     route53 = None

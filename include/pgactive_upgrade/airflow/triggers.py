@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any, AsyncIterator
 
 from asgiref.sync import sync_to_async
-from airflow.sdk import BaseHook
+from airflow.sdk import BaseHook, Variable
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from pgactive_upgrade.db import Credentials, Endpoint
@@ -31,6 +32,8 @@ class ReplicationLagTrigger(BaseTrigger):
         replication_user: str,
         threshold_bytes: int,
         escalate_after_seconds: int,
+        halt_key: str,
+        run_id: str,
         poll_interval: float = 5.0,
     ):
         super().__init__()
@@ -41,6 +44,8 @@ class ReplicationLagTrigger(BaseTrigger):
         self.replication_user = replication_user
         self.threshold_bytes = threshold_bytes
         self.escalate_after_seconds = escalate_after_seconds
+        self.halt_key = halt_key
+        self.run_id = run_id
         self.poll_interval = poll_interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -54,6 +59,8 @@ class ReplicationLagTrigger(BaseTrigger):
                 "replication_user": self.replication_user,
                 "threshold_bytes": self.threshold_bytes,
                 "escalate_after_seconds": self.escalate_after_seconds,
+                "halt_key": self.halt_key,
+                "run_id": self.run_id,
                 "poll_interval": self.poll_interval,
             },
         )
@@ -64,6 +71,10 @@ class ReplicationLagTrigger(BaseTrigger):
         started, escalated, polls = time.monotonic(), False, 0
         while True:
             polls += 1
+            halt = await self._halt()
+            if halt:
+                yield TriggerEvent({"status": "halted", "halt": halt, "polls": polls})
+                return
             try:
                 lag = await asyncio.to_thread(driver.lag)
             except Exception as error:  # a transient connection failure must not end a 24 h wait
@@ -79,6 +90,11 @@ class ReplicationLagTrigger(BaseTrigger):
                 emit("lag_escalation", lag_bytes=lag.bytes, waited_s=round(waited), detail=lag.detail)
             self.log.info("lag %s bytes, synced=%s, %s", lag.bytes, lag.synced, lag.detail)
             await asyncio.sleep(self.poll_interval)
+
+    async def _halt(self) -> dict | None:
+        raw = await sync_to_async(Variable.get)(self.halt_key, default=None)
+        halt = json.loads(raw) if raw else None
+        return halt if halt and halt.get("run_id") == self.run_id else None
 
     def _link(self, admin: Credentials) -> Link:
         return Link(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pgactive_upgrade.replication.base import Lag, Link, Node, ReplicationDriver, ReplicationError
 from pgactive_upgrade.replication.native import NativeDriver
+from pgactive_upgrade.replication.pgactive import PgactiveDriver
 
-DRIVERS: dict[str, type[ReplicationDriver]] = {"native": NativeDriver}
-NOT_BUILT = {"pgactive": "the pgactive driver is not built yet (tracked in issue #3); use replication_driver 'native'"}
+DRIVERS: dict[str, type[ReplicationDriver]] = {"native": NativeDriver, "pgactive": PgactiveDriver}
+NOT_BUILT: dict[str, str] = {}
 
 
 def driver_for(name: str, link: Link) -> ReplicationDriver:
@@ -18,4 +19,4 @@ def driver_for(name: str, link: Link) -> ReplicationDriver:
         raise ValueError(f"replication_driver: unknown driver {name!r}, expected one of {sorted(DRIVERS)}") from None
 
 
-__all__ = ["Lag", "Link", "Node", "ReplicationDriver", "ReplicationError", "driver_for", "NOT_BUILT"]
+__all__ = ["Lag", "Link", "Node", "ReplicationDriver", "ReplicationError", "driver_for", "NOT_BUILT", "NativeDriver", "PgactiveDriver"]

@@ -75,9 +75,13 @@ class ReplicationDriver(ABC):
     def lag(self) -> Lag:
         """Bytes still to replicate towards the node that does not take writes yet."""
 
+    def before_fence(self) -> None:
+        """Cutover work that can happen before writes are fenced (keeps the fence short)."""
+
     @abstractmethod
-    def prepare_reverse(self) -> None:
-        """Inside the write fence, before traffic switches: capture every later write on the target."""
+    def prepare_reverse(self, target_connection=None) -> None:
+        """Inside the write fence, before traffic switches: capture every later write on the target.
+        target_connection: the cutover's open admin connection to the target, to use when given."""
 
     @abstractmethod
     def after_switch(self) -> dict:
@@ -90,6 +94,10 @@ class ReplicationDriver(ABC):
     @abstractmethod
     def detach(self) -> dict:
         """Stop replicating between the nodes and remove the driver's objects; idempotent."""
+
+    def cut_over_already(self) -> bool:
+        """Whether a cutover already finished (the cutover step then only completes the switch)."""
+        return False
 
     def problems(self) -> list[str]:
         """Health problems of the replication right now; empty when healthy."""

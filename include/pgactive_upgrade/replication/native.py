@@ -173,12 +173,18 @@ class NativeDriver(ReplicationDriver):
         )
         return max(0, rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def prepare_reverse(self) -> None:
+    def before_fence(self) -> None:
+        """The reverse publication without a slot captures nothing yet: safe to create before the fence."""
         with self.target() as target:
             self._grant_select(target)
             self._ensure_publication(target, self.reverse)
-            if not query(target, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)):
-                query(target, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.reverse,))
+
+    def prepare_reverse(self, target_connection=None) -> None:
+        if target_connection is None:
+            with self.target() as target:
+                return self.prepare_reverse(target)
+        if not query(target_connection, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)):
+            query(target_connection, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.reverse,))
 
     def after_switch(self) -> dict:
         with self.target() as target:

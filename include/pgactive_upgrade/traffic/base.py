@@ -71,6 +71,16 @@ class TrafficController(ABC):
     def route_names(self, carries_writes: bool | None = None) -> list[str]:
         return [r.name for r in self.routes if carries_writes is None or r.carries_writes == carries_writes]
 
+    def switch(self, percent: int, close_sessions_of: str | None = None) -> None:
+        """Every route to `percent` at once, write routes first, as fast as the controller allows, optionally
+        closing sessions held to "source" or "target"; the caller reads the split back afterwards."""
+        writes_first = [r.name for r in sorted(self.routes, key=lambda r: not r.carries_writes)]
+        self.set_target_percent(percent, writes_first)
+        if close_sessions_of == "source":
+            self.close_source_sessions(writes_first)
+        elif close_sessions_of == "target":
+            getattr(self, "close_target_sessions", lambda names: None)(writes_first)
+
     def close_source_sessions(self, route_names: Sequence[str] | None = None) -> list[str]:
         """Close sessions still held to the source; returns the routes where that was done. DNS-based controllers
         cannot reach established connections (pools must be recycled), so the default does nothing."""

@@ -5,7 +5,7 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 
-from .base import Route, TrafficController, TrafficError, percent_on_target
+from .base import Route, TrafficController, TrafficError, percent_on_target, validate_percent
 
 # srv_admin_state bits (HAProxy SRV_ADMF_*): any maintenance (FMAINT/IMAINT/CMAINT/RMAINT/HMAINT) or drain (FDRAIN/IDRAIN)
 _ADMIN_MAINT_OR_DRAIN = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20 | 0x40
@@ -92,6 +92,25 @@ class HAProxyController(TrafficController):
                 self._ok(f"set weight {route.name}/{server} {weights[server]}")
                 if weights[server] and int(states[server]["srv_admin_state"]) & _ADMIN_MAINT_OR_DRAIN:
                     self._ok(f"set server {route.name}/{server} state ready")
+
+    def switch(self, percent: int, close_sessions_of: str | None = None) -> None:
+        """One runtime-API round trip for every route (write routes first): the cutover's critical moment."""
+        percent = validate_percent(percent)
+        servers = {"source": self.source_server, "target": self.target_server}
+        weights = {self.target_server: percent, self.source_server: 100 - percent}
+        commands = []
+        for route in sorted(self.routes, key=lambda r: not r.carries_writes):
+            if self.target_address:
+                self._point_target(route.name)
+            for server in sorted(weights, key=weights.get, reverse=True):
+                if weights[server]:
+                    commands.append(f"set server {route.name}/{server} state ready")
+                commands.append(f"set weight {route.name}/{server} {weights[server]}")
+            if close_sessions_of:
+                commands.append(f"shutdown sessions server {route.name}/{servers[close_sessions_of]}")
+        answer = runtime_command(self.runtime_api, "; ".join(commands), self.timeout).strip()
+        if answer:
+            raise TrafficError(f"HAProxy runtime API refused part of the switch to {percent} %: {answer}")
 
     def _point_target(self, backend: str) -> None:
         host, port = self.target_address

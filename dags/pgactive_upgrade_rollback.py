@@ -1,0 +1,32 @@
+"""
+### Roll back a rolling upgrade
+
+Triggered by an operator at any moment of a `pgactive_rolling_upgrade` run: during sync, mid-phase,
+during a health check or after cutover. It halts the upgrade run (none of its remaining steps acts),
+returns every route to the source instance, and keeps replication running: after a one-way cutover the
+reverse replication has kept the source current, and the target is fenced before traffic returns.
+
+Who asked, when and why are recorded in this run's conf, its log and its result. Running it twice is harmless.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from pgactive_upgrade.airflow.operators import RollbackOperator
+from pgactive_upgrade.airflow.params import rollback_params
+
+with DAG(
+    dag_id="pgactive_upgrade_rollback",
+    description="Return all traffic to the source of a rolling upgrade, keeping replication",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    params=rollback_params(),
+    tags=["postgres", "rds", "upgrade", "rollback"],
+    default_args={"retries": 0},
+) as dag:
+    RollbackOperator(task_id="roll_back", execution_timeout=timedelta(minutes=5))

@@ -1,0 +1,34 @@
+"""Progress and halt records kept in Airflow Variables, readable by the rollback DAG and the plugin."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from airflow.sdk import Variable
+
+from pgactive_upgrade import progress
+
+
+def read(key: str) -> dict | None:
+    raw = Variable.get(key, default=None)
+    return json.loads(raw) if raw else None
+
+
+def write(key: str, value: dict[str, Any]) -> None:
+    Variable.set(key, json.dumps(value, default=str))
+
+
+def record_step(context, source_identifier: str, step: str, state: str, **extra: Any) -> None:
+    dag_run = context["dag_run"]
+    previous = read(progress.record_key(source_identifier)) or {}
+    kept = {k: v for k, v in previous.items() if k in ("split", "percent", "phase") and previous.get("run_id") == dag_run.run_id}
+    record = progress.progress_record(
+        dag_id=dag_run.dag_id, run_id=dag_run.run_id, conf=dict(dag_run.conf or {}), step=step, state=state,
+        **{**kept, **extra},
+    )
+    write(progress.record_key(source_identifier), record)
+
+
+def check_not_halted(context, source_identifier: str) -> None:
+    progress.check_not_halted(read(progress.halt_key(source_identifier)), context["dag_run"].run_id)

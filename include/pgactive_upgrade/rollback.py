@@ -1,0 +1,92 @@
+"""Rollback: every route back to the source, replication kept running.
+
+Before cutover (or with an active-active driver) writes never left the source, or are already on it:
+moving the routes is enough. After a one-way cutover, the target holds the latest writes: the reverse
+of a cutover (fence the target, wait for its marker on the source, sequences, switch, unfence the source),
+with the reverse replication left running so nothing written on the target is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pgactive_upgrade import fencing, sequences
+from pgactive_upgrade.catalog import Sequence
+from pgactive_upgrade.db import Credentials, Endpoint, connected
+from pgactive_upgrade.events import emit
+from pgactive_upgrade.replication.base import ReplicationDriver
+from pgactive_upgrade.traffic.base import TrafficController
+
+
+class RollbackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Rollback:
+    driver: ReplicationDriver
+    controller: TrafficController
+    source: Endpoint
+    target: Endpoint
+    admin: Credentials = field(repr=False)
+    roles: list[str]
+    sequences: list[Sequence]
+    deadline_seconds: float
+    token: str
+    poll_seconds: float = 0.005
+    timings_ms: dict = field(default_factory=dict)
+
+    def run(self) -> dict:
+        started = time.monotonic()
+        reverse = not self.driver.active_active and self.driver.cut_over_already()
+        result = self._after_cutover() if reverse else self._before_cutover()
+        result.update(total_ms=_ms(started), steps_ms=self.timings_ms, split=self.controller.read_split())
+        emit("rollback_done", after_cutover=reverse, total_ms=result["total_ms"])
+        return result
+
+    def _before_cutover(self) -> dict:
+        with connected(self.source, self.admin) as source:  # an interrupted cutover may have left it fenced
+            self._step("source_unfenced", fencing.unfence, source, self.source.dbname, self.roles)
+        self._step("switched", self._switch_to_source)
+        return {"after_cutover": False}
+
+    def _after_cutover(self) -> dict:
+        started = time.monotonic()
+        with connected(self.source, self.admin) as source, connected(self.target, self.admin) as target:
+            fenced_at = time.monotonic()
+            try:
+                self._step("target_fenced", fencing.fence, target, self.target.dbname, self.roles)
+                self._step("marker_written", self.driver.write_marker, target, self.token)
+                self._step("caught_up", self._wait_for_marker, source, started)
+                moved = self._step("sequences", sequences.move_forward, target, source, self.sequences)
+                self._step("source_unfenced", fencing.unfence, source, self.source.dbname, self.roles)
+                self._step("switched", self._switch_to_source)
+            except Exception as error:
+                fencing.unfence(target, self.target.dbname, self.roles)
+                raise RollbackError(
+                    f"rollback after cutover failed (steps done: {list(self.timings_ms)}): {error}; "
+                    "the target was unfenced again and still takes the writes"
+                ) from error
+            unavailable_ms = _ms(fenced_at)
+            self._step("target_sessions_ended", fencing.end_sessions, target, self.target.dbname, self.roles)
+        return {"after_cutover": True, "write_unavailable_ms": unavailable_ms, "sequences_moved": len(moved)}
+
+    def _switch_to_source(self) -> None:
+        self.controller.switch(0, "target")
+
+    def _wait_for_marker(self, source, started: float) -> None:
+        while not self.driver.has_marker(source, self.token):
+            if time.monotonic() - started > self.deadline_seconds:
+                raise RollbackError(f"the source did not receive the target's last writes within {self.deadline_seconds} s")
+            time.sleep(self.poll_seconds)
+
+    def _step(self, name: str, function, *args):
+        began = time.monotonic()
+        result = function(*args)
+        self.timings_ms[name] = _ms(began)
+        return result
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 1)

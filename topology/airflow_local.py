@@ -1,0 +1,617 @@
+"""A real local Airflow 3.3 (api-server, scheduler, triggerer, dag-processor) for the demo and tests.
+
+Each component runs as a background process in its own session, with a pidfile ("pid start-time")
+and a log file in ``<home>/run/``; everything a component starts (executor workers, task processes,
+trigger runners) stays in that session, which is how stop() finds it. Only stdlib here: importing
+airflow in the caller's process would read the caller's configuration.
+
+CLI: python -m topology.airflow_local start|stop|status --home .local/demo/airflow --port 25480
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ADMIN_USER = "admin"
+COMPONENTS: dict[str, list[str]] = {
+    "api-server": ["api-server"],  # --port appended at start
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+}
+HEALTH_KEYS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
+FINAL_RUN_STATES = {"success", "failed"}
+# Task log events that exist only when a task really went through state "deferred" (see saw_deferred).
+TASK_DEFERRED_EVENT = "Pausing task as DEFERRED"
+TRIGGER_STARTING_EVENT = re.compile(r"^trigger .+ \(ID \d+\) starting$")
+STOP_GRACE_SECONDS = 15.0
+TASK_GRACE_SECONDS = 5.0
+SQLITE_LOCK_TIMEOUT = 30
+# Set only by us and inherited by every child: finds stray processes of this instance at stop().
+INSTANCE_MARKER = "TOPOLOGY_LOCAL_AIRFLOW_HOME"
+
+
+class AirflowApiError(RuntimeError):
+    def __init__(self, method: str, path: str, status: int, body: str):
+        super().__init__(f"{method} {path} -> HTTP {status}: {body[:2000]}")
+        self.status = status
+        self.body = body
+
+
+class LocalAirflow:
+    def __init__(
+        self,
+        home: Path,
+        dags_folder: Path,
+        plugins_folder: Path,
+        port: int,
+        extra_env: dict[str, str] | None = None,
+        python_paths: Iterable[Path] = (),
+    ):
+        self.home = Path(home).resolve()
+        self.dags_folder = Path(dags_folder).resolve()
+        self.plugins_folder = Path(plugins_folder).resolve()
+        self.port = port
+        self.extra_env = dict(extra_env or {})
+        self.python_paths = [Path(p).resolve() for p in python_paths]
+        self.run_dir = self.home / "run"
+        self._token: str | None = None
+        self._token_time = 0.0
+        self._processes: list[subprocess.Popen] = []
+
+    # ----- properties -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def username(self) -> str:
+        return ADMIN_USER
+
+    @property
+    def password(self) -> str:
+        return json.loads(self.passwords_file.read_text())[ADMIN_USER]
+
+    @property
+    def passwords_file(self) -> Path:
+        return self.home / "simple_auth_manager_passwords.json.generated"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.home / "airflow.db"
+
+    def log_path(self, component: str) -> Path:
+        return self.run_dir / f"{component}.log"
+
+    def pid_path(self, component: str) -> Path:
+        return self.run_dir / f"{component}.pid"
+
+    # ----- environment ------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """Environment of every component (and of `airflow` CLI calls made by this class)."""
+        inherited = {
+            key: value for key, value in os.environ.items()
+            if not key.startswith("AIRFLOW__") and key not in ("AIRFLOW_HOME", INSTANCE_MARKER)
+        }
+        venv_bin = str(Path(sys.executable).parent)
+        python_path = [str(p) for p in self.python_paths]
+        if inherited.get("PYTHONPATH"):
+            python_path.append(inherited["PYTHONPATH"])
+        env = {
+            **inherited,
+            "PATH": venv_bin + os.pathsep + inherited.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": os.pathsep.join(python_path),
+            "AIRFLOW_HOME": str(self.home),
+            INSTANCE_MARKER: str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.plugins_folder),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__AUTH_MANAGER": (
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            # Four processes write to SQLite: wait for locks longer than the 5 s default.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
+                f"sqlite:///{self.sqlite_path}?timeout={SQLITE_LOCK_TIMEOUT}"
+            ),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API_AUTH__JWT_SECRET": self._jwt_secret(),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
+            "AIRFLOW__CORE__PARALLELISM": "8",  # LocalExecutor forks this many workers up front
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+        }
+        env.update(self.extra_env)
+        return env
+
+    def _jwt_secret(self) -> str:
+        # Stable across restarts so tokens and running task identities stay valid.
+        path = self.home / "jwt_secret"
+        if not path.exists():
+            _write_private(path, secrets.token_urlsafe(64))
+        return path.read_text().strip()
+
+    def _seed_admin_password(self) -> None:
+        # Airflow prints a password it generates itself into the api-server log; a password we
+        # write first is used as is and never printed.
+        if not self.passwords_file.exists():
+            _write_private(self.passwords_file, json.dumps({ADMIN_USER: secrets.token_urlsafe(24)}) + "\n")
+
+    # ----- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 120) -> LocalAirflow:
+        if self._all_alive() and self._healthy() and self._answers_with_our_password():
+            return self
+        self.stop()
+        self._ensure_port_free()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._seed_admin_password()
+        self._migrate_db_once()
+        spawned_at = datetime.now(timezone.utc)
+        for component in COMPONENTS:
+            self._spawn(component)
+        try:
+            self._wait_healthy(timeout, since=spawned_at)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every process of the instance; idempotent.
+
+        SIGTERM to the scheduler, triggerer, dag-processor and everything they started (running
+        tasks too: the scheduler waits for them). A task process only runs on_kill() on SIGTERM
+        and keeps going (Airflow itself SIGKILLs it 5 s later), so what is left of the children
+        after TASK_GRACE_SECONDS gets SIGKILL. The api-server goes last because task processes
+        report their end through it. SIGKILL for anything left after STOP_GRACE_SECONDS.
+        """
+        sessions = {c: pid for c in COMPONENTS if (pid := self._read_pid(c))}
+        api_session = {sessions.pop("api-server")} if "api-server" in sessions else set()
+        worker_sessions = set(sessions.values())
+        leaders = worker_sessions | api_session
+
+        self._terminate(worker_sessions, signal.SIGTERM, TASK_GRACE_SECONDS)
+        children = [pid for pid in self._stray_processes(worker_sessions) if pid not in leaders]
+        self._signal_each(children, signal.SIGKILL, "task grace")
+        _wait_until(lambda: not self._stray_processes(worker_sessions), STOP_GRACE_SECONDS)
+        self._terminate(worker_sessions | api_session, signal.SIGTERM, STOP_GRACE_SECONDS)
+        self._terminate(worker_sessions | api_session, signal.SIGKILL, 5, reason="stop grace")
+
+        self._reap_children()
+        for component in COMPONENTS:
+            self.pid_path(component).unlink(missing_ok=True)
+        self._token = None
+
+    def _terminate(self, sessions: set[int], sig: int, wait: float, reason: str = "") -> None:
+        started = time.monotonic()
+        self._signal_each(self._stray_processes(sessions), sig, reason)
+        _wait_until(lambda: not self._stray_processes(sessions), wait)
+        log.debug("signal %s to sessions %s: %.1fs", sig, sorted(sessions), time.monotonic() - started)
+
+    @staticmethod
+    def _signal_each(pids: list[int], sig: int, reason: str = "") -> None:
+        for pid in pids:
+            if sig == signal.SIGKILL:
+                log.info("SIGKILL %s (%s) after %s", pid, _cmdline(pid), reason)
+            _kill(pid, sig)
+
+    def processes(self) -> list[int]:
+        """Live processes of this instance: the components and everything they started."""
+        sessions = {pid for c in COMPONENTS if (pid := self._read_pid(c))}
+        return self._stray_processes(sessions)
+
+    def status(self) -> dict:
+        components = {}
+        for component in COMPONENTS:
+            pid = self._read_pid(component)
+            components[component] = {"pid": pid, "alive": self._leader_alive(component)}
+        api_alive = components["api-server"]["alive"]
+        return {"url": self.url, "components": components, "health": self._health() if api_alive else None}
+
+    def _migrate_db_once(self) -> None:
+        marker = self.run_dir / "db_migrated"
+        if marker.exists() and self.sqlite_path.exists():
+            return
+        with open(self.run_dir / "db-migrate.log", "ab") as log_file:
+            subprocess.run(
+                ["airflow", "db", "migrate"], env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
+                check=True, cwd=self.home, timeout=600,
+            )
+        _use_write_ahead_log(self.sqlite_path)
+        marker.write_text("ok\n")
+
+    def _spawn(self, component: str) -> None:
+        argv = ["airflow", *COMPONENTS[component]]
+        if component == "api-server":
+            argv += ["--port", str(self.port)]
+        with open(self.log_path(component), "ab") as log_file:
+            process = subprocess.Popen(
+                argv, env=self.env(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=self.home, start_new_session=True,
+            )
+        self._processes.append(process)
+        stat = _proc_stat(process.pid)
+        self.pid_path(component).write_text(f"{process.pid} {stat.start_time if stat else 0}\n")
+
+    def _wait_healthy(self, timeout: float, since: datetime) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [c for c in COMPONENTS if not self._leader_alive(c)]
+            if dead:
+                raise RuntimeError(f"Airflow component(s) {dead} exited during start\n{self._log_tails(dead)}")
+            if self._healthy(since) and self._answers_with_our_password():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"Airflow not healthy after {timeout}s: {self._health()}\n{self._log_tails(list(COMPONENTS))}"
+        )
+
+    def _health(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=3) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+
+    def _healthy(self, since: datetime | None = None) -> bool:
+        """All components report healthy; with `since`, their heartbeats are newer than that
+        (heartbeats of a previous start stay "healthy" for 30 s after it stopped)."""
+        health = self._health()
+        if not health or any((health.get(key) or {}).get("status") != "healthy" for key in HEALTH_KEYS):
+            return False
+        if since is None:
+            return True
+        heartbeats = [
+            value for key in HEALTH_KEYS for name, value in (health.get(key) or {}).items()
+            if name.startswith("latest_") and name.endswith("_heartbeat")
+        ]
+        return len(heartbeats) == len(HEALTH_KEYS) - 1 and all(
+            datetime.fromisoformat(heartbeat) > since for heartbeat in heartbeats
+        )
+
+    def _answers_with_our_password(self) -> bool:
+        """The API on our port is this instance's (another home has another admin password)."""
+        self._token = None
+        try:
+            self.token()
+            return True
+        except (AirflowApiError, OSError, ValueError, KeyError):
+            return False
+
+    def _all_alive(self) -> bool:
+        return all(self._leader_alive(c) for c in COMPONENTS)
+
+    def _ensure_port_free(self) -> None:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as error:
+                raise RuntimeError(f"port {self.port} is in use by another process") from error
+
+    def _read_pid(self, component: str) -> int | None:
+        try:
+            return int(self.pid_path(component).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _leader_alive(self, component: str) -> bool:
+        """Alive and the very process we started (pidfile holds pid and start time: no pid reuse)."""
+        try:
+            pid, start_time = (int(x) for x in self.pid_path(component).read_text().split()[:2])
+        except (OSError, ValueError):
+            return False
+        stat = _proc_stat(pid)
+        return bool(stat) and stat.state != "Z" and stat.start_time == start_time
+
+    def _stray_processes(self, sessions: set[int]) -> list[int]:
+        """Live processes of our components' sessions (task processes change process group, not
+        session), plus anything else carrying our environment marker."""
+        found = []
+        for pid in _all_pids():
+            stat = _proc_stat(pid)
+            if not stat or stat.state == "Z" or pid == os.getpid():
+                continue
+            if stat.session in sessions or _environ_of(pid).get(INSTANCE_MARKER) == str(self.home):
+                found.append(pid)
+        return found
+
+    def _reap_children(self) -> None:
+        for process in self._processes:
+            process.poll()
+        self._processes = [p for p in self._processes if p.returncode is None]
+
+    def _log_tails(self, components: list[str], lines: int = 30) -> str:
+        parts = []
+        for component in components:
+            path = self.log_path(component)
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            parts.append(f"--- {path} ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    # ----- REST API -----------------------------------------------------------------------------
+
+    def token(self) -> str:
+        if self._token and time.monotonic() - self._token_time < 3600:
+            return self._token
+        body = {"username": self.username, "password": self.password}
+        response = self._request("POST", "/auth/token", body, token=None)
+        self._token, self._token_time = response["access_token"], time.monotonic()
+        return self._token
+
+    def api(self, method: str, path: str, json: dict | None = None) -> dict:
+        """Authenticated call to /api/v2/<path> (path may include the prefix or not)."""
+        full_path = path if path.startswith("/api/v2/") else "/api/v2/" + path.lstrip("/")
+        try:
+            return self._request(method, full_path, json, token=self.token())
+        except AirflowApiError as error:
+            if error.status != 401:
+                raise
+            self._token = None
+            return self._request(method, full_path, json, token=self.token())
+
+    def _request(self, method: str, path: str, body: dict | None, token: str | None) -> dict:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            raise AirflowApiError(method, path, error.code, error.read().decode(errors="replace")) from None
+        return _json_or_empty(raw)
+
+    # ----- DAGs and runs ------------------------------------------------------------------------
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
+        """Wait until the DAG is parsed (reserializing once if it is slow), then unpause it."""
+        deadline = time.monotonic() + timeout
+        reserialize_at = time.monotonic() + min(15.0, timeout / 3)
+        reserialized = False
+        while not self._dag_known(dag_id):
+            if time.monotonic() > deadline:
+                errors = self.api("GET", "importErrors").get("import_errors", [])
+                raise TimeoutError(f"DAG {dag_id!r} not parsed after {timeout}s; import errors: {errors}")
+            if not reserialized and time.monotonic() > reserialize_at:
+                self._reserialize()
+                reserialized = True
+            time.sleep(0.5)
+        self.api("PATCH", f"dags/{_q(dag_id)}", {"is_paused": False})
+
+    def _dag_known(self, dag_id: str) -> bool:
+        try:
+            self.api("GET", f"dags/{_q(dag_id)}")
+            return True
+        except AirflowApiError as error:
+            if error.status == 404:
+                return False
+            raise
+
+    def _reserialize(self) -> None:
+        with open(self.run_dir / "reserialize.log", "ab") as log_file:
+            subprocess.run(
+                ["airflow", "dags", "reserialize"], env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=self.home, timeout=300, check=False,
+            )
+
+    def trigger(self, dag_id: str, conf: dict, run_id: str | None = None) -> str:
+        body: dict = {"logical_date": None, "conf": conf}
+        if run_id:
+            body["dag_run_id"] = run_id
+        return self.api("POST", f"dags/{_q(dag_id)}/dagRuns", body)["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.api("GET", f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}")["state"]
+
+    def wait_for_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        timeout: float,
+        on_poll: Callable[[list[dict]], None] | None = None,
+        poll_interval: float = 0.5,
+    ) -> str:
+        """Poll until the run is success/failed; returns that state. on_poll gets the task instances."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.run_state(dag_id, run_id)
+            if on_poll:
+                on_poll(self.task_instances(dag_id, run_id))
+            if state in FINAL_RUN_STATES:
+                return state
+            if time.monotonic() > deadline:
+                states = {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
+                raise TimeoutError(f"run {dag_id}/{run_id} still {state} after {timeout}s: {states}")
+            time.sleep(poll_interval)
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        base = f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances"
+        return self._paged(base, "task_instances")
+
+    def _paged(self, path: str, key: str, page: int = 100) -> list[dict]:
+        items: list[dict] = []
+        while True:
+            answer = self.api("GET", f"{path}?limit={page}&offset={len(items)}")
+            items += answer[key]
+            if not answer[key] or len(items) >= answer["total_entries"]:
+                return items
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> list:
+        path = (
+            f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/logs/{try_number}"
+            f"?full_content=true&map_index={map_index}"
+        )
+        return self.api("GET", path).get("content", [])
+
+    def saw_deferred(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> bool:
+        """Did this task instance go through state "deferred" (in any try)? Works after the fact.
+
+        Once the task finished, the task instance row keeps no trace of a deferral (trigger_id and
+        next_method are cleared, try_number does not move) and task instance history is written
+        only on retries. Polling states can miss a short deferral. What stays is the task's log,
+        served by the REST API: the task runner logs "Pausing task as DEFERRED." when it defers,
+        and the triggerer writes "trigger <dag>/<run>/<task>/<map>/<try> (ID n) starting" into the
+        same try's log (a separate .trigger.<job>.log file the API merges in).
+        """
+        return any(
+            _is_deferral_entry(entry)
+            for try_number in range(1, self._try_number(dag_id, run_id, task_id, map_index) + 1)
+            for entry in self.task_log(dag_id, run_id, task_id, try_number, map_index)
+        )
+
+    def _try_number(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> int:
+        suffix = f"/{map_index}" if map_index >= 0 else ""
+        path = f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}{suffix}"
+        return self.api("GET", path).get("try_number") or 0
+
+
+# ----- helpers ----------------------------------------------------------------------------------
+
+
+def _is_deferral_entry(entry) -> bool:
+    event = str(entry.get("event", "")) if isinstance(entry, dict) else str(entry)
+    return event.startswith(TASK_DEFERRED_EVENT) or bool(TRIGGER_STARTING_EVENT.match(event))
+
+
+def _q(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _json_or_empty(raw: bytes) -> dict:
+    return json.loads(raw) if raw.strip() else {}
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+class _ProcStat(NamedTuple):
+    state: str
+    session: int
+    start_time: int
+
+
+def _proc_stat(pid: int) -> _ProcStat | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after "pid (comm)": state ppid pgrp session ... starttime is field 22 overall
+    return _ProcStat(state=fields[0], session=int(fields[3]), start_time=int(fields[19]))
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _use_write_ahead_log(sqlite_path: Path) -> None:
+    """WAL lets readers run while one process writes (the mode is stored in the database file)."""
+    with sqlite3.connect(sqlite_path) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    # Processes that call setproctitle (api-server, executor workers) overwrite this area.
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ----- CLI --------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m topology.airflow_local")
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--home", type=Path, default=REPO_ROOT / ".local/demo/airflow")
+    parser.add_argument("--port", type=int, default=25480)
+    parser.add_argument("--dags-folder", type=Path, default=REPO_ROOT / "dags")
+    parser.add_argument("--plugins-folder", type=Path, default=REPO_ROOT / "plugins")
+    parser.add_argument("--timeout", type=float, default=180)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    airflow = LocalAirflow(
+        home=args.home, dags_folder=args.dags_folder, plugins_folder=args.plugins_folder, port=args.port,
+        python_paths=[REPO_ROOT / "include", REPO_ROOT],
+    )
+    if args.command == "start":
+        started = time.monotonic()
+        airflow.start(timeout=args.timeout)
+        print(f"Airflow healthy at {airflow.url} after {time.monotonic() - started:.1f}s "
+              f"(user {airflow.username}, password in {airflow.passwords_file})")
+    elif args.command == "stop":
+        airflow.stop()
+        print("Airflow stopped")
+    else:
+        status = airflow.status()
+        print(json.dumps(status, indent=2))
+        return 0 if all(c["alive"] for c in status["components"].values()) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
