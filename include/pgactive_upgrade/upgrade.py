@@ -10,7 +10,7 @@ from functools import cached_property
 from pgactive_upgrade import catalog, fencing, rds, sequences, verify
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
-from pgactive_upgrade.db import Credentials, Endpoint, connected, override_endpoint, query, server_major
+from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import Lag, Link, Node, ReplicationDriver, driver_for
 from pgactive_upgrade.rollback import Rollback
@@ -252,16 +252,27 @@ class Upgrade:
         budget = self.request.probe_budget_ms
         started = time.monotonic()
         try:
-            with connected(self.endpoint(self.target()), self.admin, connect_timeout=max(2, math.ceil(budget / 1000))) as connection:
-                query(connection, "SELECT set_config('statement_timeout', %s, false)", (str(budget),))
-                query(connection, "SET default_transaction_read_only = on")
-                timings = {"connect+SELECT 1": self._timed(connection, "SELECT 1", started)}
-                for index, probe in enumerate(self.request.health_probes):
-                    timings[f"health_probes[{index}]"] = self._timed(connection, probe, time.monotonic())
+            connection = connect(self.endpoint(self.target()), self.admin, connect_timeout=max(2, math.ceil(budget / 1000)))
         except Exception as error:
-            return [f"target probe failed: {type(error).__name__}: {str(error).strip()[:200]}"]
-        slow = {name: ms for name, ms in timings.items() if ms > budget}
-        return [f"{name} took {ms} ms, over the {budget} ms budget" for name, ms in slow.items()]
+            return [f"target does not accept connections: {type(error).__name__}: {str(error).strip()[:200]}"]
+        try:
+            query(connection, "SELECT set_config('statement_timeout', %s, false)", (str(budget),))
+            query(connection, "SET default_transaction_read_only = on")
+            probes = [("connect+SELECT 1", "SELECT 1")] + [
+                (f"health_probes[{index}]", probe) for index, probe in enumerate(self.request.health_probes)
+            ]
+            problems = []
+            for name, statement in probes:
+                try:
+                    took = self._timed(connection, statement, started if name.startswith("connect") else time.monotonic())
+                except Exception as error:
+                    problems.append(f"{name} failed: {type(error).__name__}: {str(error).strip()[:200]}")
+                    continue
+                if took > budget:
+                    problems.append(f"{name} took {took} ms, over the {budget} ms budget")
+            return problems
+        finally:
+            connection.close()
 
     @staticmethod
     def _timed(connection, statement: str, started: float) -> float:

@@ -3,49 +3,18 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from pgactive_upgrade.db import Credentials
 from pgactive_upgrade import config
 from pgactive_upgrade.upgrade import Upgrade
-from topology.airflow_local import AirflowApiError, LocalAirflow
+from tests.airflow_real.runs import wait_for_state
+from topology.airflow_local import AirflowApiError
 from topology.demo import demo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 
-REPO = Path(__file__).resolve().parents[2]
-SENSOR_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG
-from pgactive_upgrade.airflow.operators import WaitForSyncSensor
-from pgactive_upgrade.airflow.params import upgrade_params
-
-with DAG(dag_id="sync_sensor_probe", schedule=None, start_date=datetime(2025, 1, 1), params=upgrade_params()):
-    WaitForSyncSensor(task_id="wait_for_sync", timeout=300, poll_interval=1)
-'''
-
-
-@pytest.fixture(scope="module")
-def airflow(topology, tmp_path_factory):
-    base = tmp_path_factory.mktemp("airflow_real")
-    dags, plugins = base / "dags", base / "plugins"
-    dags.mkdir()
-    plugins.mkdir()
-    (dags / "sync_sensor_probe.py").write_text(SENSOR_DAG)
-    (dags / "pgactive_rolling_upgrade.py").symlink_to(REPO / "dags" / "pgactive_rolling_upgrade.py")
-    instance = LocalAirflow(
-        home=base / "home",
-        dags_folder=dags,
-        plugins_folder=plugins,
-        port=topology.ports.airflow_api + 1,
-        extra_env={**topology.airflow_connections_env(), "PGU_PG_BIN_DIRS": str(topology.new_pg.bin_dir)},
-        python_paths=[REPO / "include", REPO],
-    )
-    instance.start(timeout=180)
-    yield instance
-    instance.stop()
 
 
 def replicating_but_paused(topo, monkeypatch) -> dict:
@@ -64,17 +33,6 @@ def replicating_but_paused(topo, monkeypatch) -> dict:
     with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
         cursor.execute("ALTER SUBSCRIPTION pgu_orders_db_fwd DISABLE")
     return conf
-
-
-def wait_for_state(airflow: LocalAirflow, dag_id: str, run_id: str, task_id: str, wanted: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances(dag_id, run_id)}
-        if states.get(task_id) == wanted:
-            return
-        assert states.get(task_id) not in ("failed", "upstream_failed"), states
-        time.sleep(0.3)
-    raise AssertionError(f"{task_id} never reached {wanted}: {states}")
 
 
 def test_sync_sensor_defers_to_the_real_triggerer_and_completes_when_replication_catches_up(

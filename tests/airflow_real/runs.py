@@ -1,0 +1,26 @@
+"""Reading runs of a real local Airflow in tests."""
+
+from __future__ import annotations
+
+import time
+
+from topology.airflow_local import LocalAirflow
+
+
+def states_of(airflow: LocalAirflow, dag_id: str, run_id: str) -> dict[str, str | None]:
+    return {_key(ti): ti["state"] for ti in airflow.task_instances(dag_id, run_id)}
+
+
+def _key(ti: dict) -> str:
+    return ti["task_id"] if ti.get("map_index", -1) == -1 else f"{ti['task_id']}[{ti['map_index']}]"
+
+
+def wait_for_state(airflow: LocalAirflow, dag_id: str, run_id: str, task: str, wanted: str, timeout: float) -> None:
+    deadline, states = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        states = states_of(airflow, dag_id, run_id)
+        if states.get(task) == wanted:
+            return
+        assert states.get(task) not in ("failed", "upstream_failed") or wanted in ("failed", "upstream_failed"), states
+        time.sleep(0.2)
+    raise AssertionError(f"{task} never reached {wanted}: {states}")

@@ -1,0 +1,135 @@
+"""Under a real scheduler: phases in strict order, a failed health check, and the rollback DAG."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import psycopg2
+import pytest
+
+from tests.airflow_real.runs import states_of, wait_for_state
+from topology.demo import demo_conf
+
+pytestmark = [pytest.mark.integration, pytest.mark.airflow]
+
+UPGRADE, ROLLBACK = "pgactive_rolling_upgrade", "pgactive_upgrade_rollback"
+FAIL_PROBE = "SELECT 1 / (to_regclass('public.fail_probe') IS NULL)::int"
+
+
+@pytest.fixture
+def ready(airflow, fresh_databases):
+    airflow.wait_for_dag(UPGRADE)
+    airflow.wait_for_dag(ROLLBACK)
+    return airflow, fresh_databases
+
+
+def landing_port(topo, port: int) -> int:
+    connection = psycopg2.connect(host="127.0.0.1", port=port, dbname="app", user="app",
+                                  password=topo.credentials["app"], connect_timeout=3)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT inet_server_port()")
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+def times_of(airflow, run_id: str) -> dict[str, tuple[datetime, datetime]]:
+    spans = {}
+    for ti in airflow.task_instances(UPGRADE, run_id):
+        if ti["start_date"] and ti["end_date"]:
+            key = ti["task_id"] if ti["map_index"] == -1 else f"{ti['task_id']}[{ti['map_index']}]"
+            spans[key] = (datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"]))
+    return spans
+
+
+def test_phases_run_in_strict_order_and_the_upgrade_completes(ready):
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [20, 40, 60], "phase_settle_seconds": 1, "decommission": "keep"}
+    run_id = airflow.trigger(UPGRADE, conf)
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=300) == "success", states_of(airflow, UPGRADE, run_id)
+
+    spans = times_of(airflow, run_id)
+    start, end = (lambda task: spans[task][0]), (lambda task: spans[task][1])
+    for index in range(3):
+        gate, shift, check = (f"traffic_phase.{name}[{index}]" for name in ("wait_for_previous_phase", "shift", "health_check"))
+        assert end(gate) <= start(shift) and end(shift) <= start(check), index
+        if index:  # gates start early and wait: each ends only after the previous phase's check succeeded
+            assert end(f"traffic_phase.health_check[{index - 1}]") <= end(gate) <= start(shift), index
+    assert end("traffic_phase.health_check[2]") <= start("cutover")
+    assert landing_port(topo, topo.haproxy.write_port) == topo.new_pg.port
+
+
+def test_failed_health_check_returns_to_the_last_healthy_split_and_stops(ready):
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [20, 40, 60], "phase_settle_seconds": 4,
+            "health_probes": [FAIL_PROBE], "decommission": "keep"}
+    run_id = airflow.trigger(UPGRADE, conf)
+    wait_for_state(airflow, UPGRADE, run_id, "traffic_phase.shift[1]", "success", timeout=180)
+    with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE public.fail_probe ()")
+
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=120) == "failed"
+    states = states_of(airflow, UPGRADE, run_id)
+    assert states["traffic_phase.health_check[0]"] == "success"
+    assert states["traffic_phase.health_check[1]"] == "failed"
+    assert states["traffic_phase.shift[2]"] in ("upstream_failed", None, "removed"), states
+    assert states["cutover"] in ("upstream_failed", None), states
+    assert topo.haproxy.get_weight("pg_read", "target") == 20 and topo.haproxy.get_weight("pg_read", "source") == 80
+    assert topo.haproxy.get_weight("pg_write", "target") == 0
+    log = str(airflow.task_log(UPGRADE, run_id, "traffic_phase.health_check", 1, map_index=1))
+    assert "health_probes[0]" in log and "traffic restored to" in log
+
+
+def test_rollback_mid_phase_halts_the_upgrade_and_returns_traffic_in_seconds(ready):
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [30, 60], "phase_settle_seconds": 60, "decommission": "keep"}
+    run_id = airflow.trigger(UPGRADE, conf)
+    wait_for_state(airflow, UPGRADE, run_id, "traffic_phase.health_check[0]", "running", timeout=180)
+    assert topo.haproxy.get_weight("pg_read", "target") == 30
+
+    asked = time.monotonic()
+    rollback_id = airflow.trigger(ROLLBACK, {"source_instance": "orders-db", "reason": "latency regression",
+                                             "requested_by": "sre-on-call"})
+    while landing_port(topo, topo.haproxy.read_port) != topo.old_pg.port or topo.haproxy.get_weight("pg_read", "target"):
+        assert time.monotonic() - asked < 60, "traffic did not return to the source"
+        time.sleep(0.1)
+    returned_after = time.monotonic() - asked
+
+    assert airflow.wait_for_run(ROLLBACK, rollback_id, timeout=60) == "success"
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=120) == "failed"
+    states = states_of(airflow, UPGRADE, run_id)
+    assert states["traffic_phase.shift[1]"] != "success" and states["cutover"] != "success", states
+    assert topo.haproxy.get_weight("pg_read", "target") == 0, "the halted upgrade must not move traffic again"
+    result = airflow.api("GET", f"dags/{ROLLBACK}/dagRuns/{rollback_id}/taskInstances/roll_back/xcomEntries/return_value")
+    assert "sre-on-call" in str(result) and "latency regression" in str(result)
+    print(f"rollback mid-phase: traffic back on the source {returned_after:.2f} s after the trigger")
+
+
+def test_rollback_after_cutover_keeps_every_write_and_is_harmless_twice(ready):
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [], "decommission": "keep"}
+    run_id = airflow.trigger(UPGRADE, conf)
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=300) == "success", states_of(airflow, UPGRADE, run_id)
+    app = psycopg2.connect(host="127.0.0.1", port=topo.haproxy.write_port, dbname="app", user="app",
+                           password=topo.credentials["app"])
+    with app, app.cursor() as cursor:
+        cursor.execute("INSERT INTO public.accounts (email, created_at) VALUES ('after-cutover@example.com', now())")
+    app.close()
+
+    for attempt in range(2):
+        rollback_id = airflow.trigger(ROLLBACK, {"source_instance": "orders-db", "reason": f"drill {attempt}"})
+        assert airflow.wait_for_run(ROLLBACK, rollback_id, timeout=120) == "success", attempt
+
+    assert landing_port(topo, topo.haproxy.write_port) == topo.old_pg.port
+    with topo.old_pg.connect("app", dbname="app") as source, source.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM public.accounts WHERE email = 'after-cutover@example.com'")
+        assert cursor.fetchone()[0] == 1, "the write made on the target after cutover must be on the source"
+        cursor.execute("INSERT INTO public.accounts (email, created_at) VALUES ('after-rollback@example.com', now())")
+    with topo.new_pg.connect("postgres", dbname="app") as target, target.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_subscription")
+        assert cursor.fetchone()[0] == 0
+    with topo.old_pg.connect("postgres", dbname="app") as source, source.cursor() as cursor:
+        cursor.execute("SELECT subenabled FROM pg_subscription WHERE subname = 'pgu_orders_db_rev'")
+        assert cursor.fetchone() == (True,), "replication keeps running after the rollback"
