@@ -87,6 +87,7 @@ def test_rollback_mid_phase_halts_the_upgrade_and_returns_traffic_in_seconds(rea
     conf = {**demo_conf(topo), "shift_percentages": [30, 60], "phase_settle_seconds": 60, "decommission": "keep"}
     run_id = airflow.trigger(UPGRADE, conf)
     wait_for_state(airflow, UPGRADE, run_id, "traffic_phase.health_check[0]", "running", timeout=180)
+    time.sleep(3)  # well inside the 60 s settle time
     assert topo.haproxy.get_weight("pg_read", "target") == 30
 
     asked = time.monotonic()

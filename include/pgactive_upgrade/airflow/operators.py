@@ -180,8 +180,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         self.percent = percent
 
     def step(self, upgrade, context):
-        time.sleep(upgrade.request.phase_settle_seconds)
-        state.check_not_halted(context, upgrade.request.source_identifier)
+        self._settle(upgrade.request, context)
         problems = upgrade.health_problems()
         if not problems:
             return {"percent": int(self.percent), "healthy": True}
@@ -191,6 +190,17 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
             f"health checks failed at {self.percent} %: {'; '.join(problems)}; traffic restored to {restored}. "
             "Fix the cause and clear the failed tasks (only_failed), or trigger pgactive_upgrade_rollback."
         )
+
+    @staticmethod
+    def _settle(request: config.UpgradeRequest, context, poll_seconds: float = 0.5) -> None:
+        """Hold the split, watching for a rollback: a halted run must not wait out its settle time."""
+        deadline = time.monotonic() + request.phase_settle_seconds
+        while True:
+            state.check_not_halted(context, request.source_identifier)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(poll_seconds, remaining))
 
     def _restore_last_healthy(self, upgrade: Upgrade, context) -> dict:
         index = context["ti"].map_index
