@@ -1,0 +1,99 @@
+"""The domain's steps on the local topology, without Airflow: cutover undo, sticky units, preflight refusals."""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+
+from pgactive_upgrade import config, fencing
+from pgactive_upgrade.cutover import CutoverError
+from pgactive_upgrade.db import Credentials
+from pgactive_upgrade.upgrade import PreflightError, Upgrade
+from topology.demo import demo_conf
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def build(fresh_databases, monkeypatch):
+    topo = fresh_databases
+    monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
+
+    def make(**overrides) -> Upgrade:
+        return Upgrade(
+            config.validate({**demo_conf(topo), **overrides}),
+            topo.aws_client("rds"),
+            Credentials("postgres", topo.credentials["postgres"]),
+            Credentials("replicator", topo.credentials["replicator"]),
+            dbname="app",
+            route53_client=topo.aws_client("route53"),
+        )
+
+    return topo, make
+
+
+def replicating(upgrade: Upgrade) -> Upgrade:
+    for step in (upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters, upgrade.install,
+                 upgrade.build_group):
+        step()
+    return upgrade
+
+
+def test_cutover_past_its_deadline_undoes_itself(build):
+    topo, make = build
+    upgrade = replicating(make(cutover_deadline_seconds=5))
+    upgrade.shift(50)
+    with topo.new_pg.connect("postgres", dbname="app") as target, target.cursor() as cursor:
+        cursor.execute("ALTER SUBSCRIPTION pgu_orders_db_fwd DISABLE")  # the marker can never arrive
+
+    with pytest.raises(CutoverError, match="deadline of 5 s passed"):
+        upgrade.cutover("never-arrives")
+
+    assert topo.haproxy.get_weight("pg_write", "target") == 0
+    assert topo.haproxy.get_weight("pg_read", "target") == 50, "the previous split is restored"
+    with topo.old_pg.connect("postgres", dbname="app") as source:
+        assert fencing.fenced_roles(source, "app") == []
+    with topo.new_pg.connect("postgres", dbname="app") as target, target.cursor() as cursor:
+        assert fencing.fenced_roles(target, "app") == ["app"], "one-way replication: the target stays read-only"
+        cursor.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgu_orders_db_rev'")
+        assert cursor.fetchone()[0] == 0
+    app = psycopg2.connect(host="127.0.0.1", port=topo.haproxy.write_port, dbname="app", user="app",
+                           password=topo.credentials["app"])
+    with app, app.cursor() as cursor:  # writes work again on the source
+        cursor.execute("INSERT INTO public.accounts (email, created_at) VALUES ('after-undo@example.com', now())")
+        cursor.execute("SELECT inet_server_port()")
+        assert cursor.fetchone()[0] == topo.old_pg.port
+    app.close()
+
+
+def test_units_mode_moves_whole_routes_in_order(build):
+    topo, make = build
+    route53 = topo.aws_client("route53")
+    zone = route53.create_hosted_zone(Name="db.example.internal", CallerReference="units-test")["HostedZone"]["Id"]
+    routes = [{"name": "writer.db.example.internal", "carries_writes": True}] + [
+        {"name": f"svc{n}.db.example.internal", "carries_writes": False} for n in range(4)
+    ]
+    traffic = {"controller": "route53", "route53": {"hosted_zone_id": zone.split("/")[-1], "ttl": 5, "routes": routes}}
+    upgrade = make(traffic=traffic, shift_mode="units")
+    upgrade.controller().set_target_percent(0)  # the applications already resolve these weighted records
+    replicating(upgrade)
+
+    first = upgrade.shift(25)
+    assert first["split"] == {"writer.db.example.internal": 0, "svc0.db.example.internal": 100,
+                              "svc1.db.example.internal": 0, "svc2.db.example.internal": 0, "svc3.db.example.internal": 0}
+    second = upgrade.shift(60)
+    assert [second["split"][f"svc{n}.db.example.internal"] for n in range(4)] == [100, 100, 100, 0]
+    assert second["split"]["writer.db.example.internal"] == 0, "one-way replication: writers move only at cutover"
+
+
+def test_preflight_names_tables_without_primary_key_before_anything_changes(build):
+    topo, make = build
+    with pytest.raises(PreflightError, match=r"scratch\.import_log"):
+        make(exclude_schemas=[]).preflight()
+    assert [i["DBInstanceIdentifier"] for i in topo.aws_client("rds").describe_db_instances()["DBInstances"]] == ["orders-db"]
+
+
+def test_preflight_refuses_a_target_version_that_is_not_newer(build):
+    _, make = build
+    with pytest.raises(PreflightError, match="target_engine_version: 15.9 is not a newer major"):
+        make(target_engine_version="15.9").preflight()
