@@ -41,6 +41,7 @@ def demo_conf(topo: Topology) -> dict:
                 "target_server": "target",
             },
         },
+        "allow_source_reboot": True,  # moto's source runs a default parameter group without logical replication
         "decommission": "delete",
         "endpoint_overrides": topo.endpoint_overrides(SOURCE, TARGET),
     }

@@ -229,6 +229,13 @@ FIELDS: dict[str, dict] = {
         "Traffic controller",
         "haproxy (runtime API) or route53 (weighted CNAME records) and the routes it moves.",
     ),
+    "allow_source_reboot": _field(
+        {"type": "boolean"},
+        False,
+        "Allow rebooting the source",
+        "The source needs logical replication (or pgactive) in its parameter group; when that takes a reboot "
+        "(a brief outage of the production database), the run stops in preflight unless this is true.",
+    ),
     "decommission": _field(
         {"type": "string", "enum": ["keep", "delete"]},
         "keep",
@@ -330,6 +337,7 @@ class UpgradeRequest:
     cutover_deadline_seconds: int = 60
     application_roles: tuple[str, ...] = ()
     traffic: dict = field(default_factory=lambda: dict(DEFAULT_TRAFFIC))
+    allow_source_reboot: bool = False
     decommission: str = "keep"
     final_snapshot_id: str = ""
     endpoint_overrides: dict = field(default_factory=dict)

@@ -432,6 +432,154 @@ def ensure_parameter_group_attached(rds, identifier: str, parameter_group: str, 
     return True
 
 
+# ---------------------------------------------------------------- source parameters
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    parameter_group: str  # the group the source will use (its current one when it already has what the driver needs)
+    copy_from: str | None  # the source's current group when the source must move to a custom copy, else None
+    changes: dict[str, str]  # parameter -> value still to set on parameter_group (empty when nothing to set)
+    needs_reboot: bool  # the source must reboot: a new group, static parameters to set, or pending-reboot
+    already_enabled: bool  # the source already runs with everything the driver needs (in-sync): touch nothing
+
+
+def plan_source_parameters(rds, source: InstanceInfo, driver: str, *, custom_group_name: str) -> SourcePlan:
+    """Decide, without changing anything, what the source needs for ``driver`` and whether that means a reboot.
+
+    Default groups cannot be modified and a group shared with other instances must not be: both are copied to
+    ``custom_group_name``, keeping every setting. A custom group used by the source alone is modified in place.
+    """
+    wanted = pgactive_parameters(driver)
+    current = describe_instance(rds, source.identifier)  # fresh: a cached InstanceInfo may predate an earlier run
+    if current is None:
+        raise RdsError(f"source DB instance {source.identifier} not found")
+    group = current.parameter_group
+    missing = _unmet(wanted, _group_values(rds, group))
+    if not missing:
+        return _plan_in_place(current, group, {})
+    if not _is_default_group(group) and not _other_users(rds, group, current.identifier):
+        return _plan_in_place(current, group, missing)
+    if group == custom_group_name:
+        raise RdsError(f"parameter group {group} of {current.identifier} is shared with other instances "
+                       f"({', '.join(_other_users(rds, group, current.identifier))}); choose another name for "
+                       "the source's own copy")
+    return _plan_copy(rds, current, group, custom_group_name, wanted)
+
+
+def _plan_in_place(source: InstanceInfo, group: str, changes: dict[str, str]) -> SourcePlan:
+    pending = source.parameter_apply_status == "pending-reboot"
+    in_sync = source.parameter_apply_status == "in-sync"
+    return SourcePlan(parameter_group=group, copy_from=None, changes=changes,
+                      needs_reboot=bool(changes) or pending, already_enabled=not changes and in_sync)
+
+
+def _plan_copy(rds, source: InstanceInfo, group: str, custom_group_name: str, wanted: dict[str, str]) -> SourcePlan:
+    validate_identifier(custom_group_name, kind="DB parameter group name", max_len=PARAMETER_GROUP_MAX)
+    existing = _describe_parameter_group(rds, custom_group_name)
+    if existing is not None:  # left by an earlier, interrupted run (or a name clash, refused here)
+        _check_reusable_copy(rds, existing, source)
+        values = _group_values(rds, custom_group_name)
+    else:
+        values = _group_values(rds, group)
+    return SourcePlan(parameter_group=custom_group_name, copy_from=group, changes=_unmet(wanted, values),
+                      needs_reboot=True, already_enabled=False)
+
+
+def _check_reusable_copy(rds, group: dict, source: InstanceInfo) -> None:
+    name, family = group["DBParameterGroupName"], parameter_group_family(source.engine_version)
+    if group["DBParameterGroupFamily"] != family:
+        raise RdsError(f"DB parameter group {name} exists with family {group['DBParameterGroupFamily']}; "
+                       f"source {source.identifier} needs {family}: choose another name for the source's copy")
+    users = _other_users(rds, name, source.identifier)
+    if users:
+        raise RdsError(f"DB parameter group {name} already exists and is used by {', '.join(users)}; "
+                       "choose another name for the source's copy")
+
+
+def apply_source_parameters(rds, source: InstanceInfo, plan: SourcePlan, *, allow_reboot: bool,
+                            timeout_s: float = 900, poll_s: float = 15) -> dict:
+    """Carry out ``plan``; refuses before changing anything when a reboot is needed and not allowed."""
+    result = {"source": source.identifier, "parameter_group": plan.parameter_group, "copied_from": None,
+              "changed": dict(plan.changes), "rebooted": False, "already_enabled": plan.already_enabled}
+    if plan.already_enabled:
+        log.info("source %s already runs %s with the needed parameters: nothing to change, no reboot",
+                 source.identifier, plan.parameter_group)
+        return result
+    if plan.needs_reboot and not allow_reboot:
+        raise RdsError(_reboot_refusal(source, plan))
+    if plan.copy_from and _describe_parameter_group(rds, plan.parameter_group) is None:
+        _copy_parameter_group(rds, plan.copy_from, plan.parameter_group, source.identifier)
+        result["copied_from"] = plan.copy_from
+    ensure_parameter_group(rds, plan.parameter_group, parameter_group_family(source.engine_version),
+                           f"pgactive-upgrade: parameters of {source.identifier}", plan.changes)
+    ensure_parameter_group_attached(rds, source.identifier, plan.parameter_group, poll_s=poll_s)
+    if plan.needs_reboot:
+        info = reboot_and_wait(rds, source.identifier, timeout_s=timeout_s, poll_s=poll_s)
+        result["rebooted"] = True
+    else:  # 'applying': dynamic values on their way, no reboot needed
+        info = wait_available(rds, source.identifier, timeout_s=timeout_s, poll_s=poll_s, require_in_sync=True)
+    if info.parameter_group != plan.parameter_group:
+        raise RdsError(f"source {source.identifier} runs parameter group {info.parameter_group} after the reboot, "
+                       f"expected {plan.parameter_group}")
+    log.info("source %s now runs %s in-sync (copied from %s, set %s, rebooted %s)", source.identifier,
+             plan.parameter_group, result["copied_from"], plan.changes, result["rebooted"])
+    return result
+
+
+def _reboot_refusal(source: InstanceInfo, plan: SourcePlan) -> str:
+    what = [f"set {', '.join(f'{k}={v}' for k, v in plan.changes.items())}"] if plan.changes else []
+    if plan.copy_from:
+        what.insert(0, f"copy parameter group {plan.copy_from} to {plan.parameter_group} and attach it")
+    what.append("reboot the instance")
+    return (f"source {source.identifier} must be rebooted to apply the replication parameters "
+            f"({'; '.join(what)}): a brief outage of the production database. Nothing was changed. "
+            "Set allow_source_reboot to true in the conf to let the upgrade do it, "
+            "or apply the parameters and reboot the source yourself first")
+
+
+def _copy_parameter_group(rds, source_group: str, name: str, identifier: str) -> None:
+    rds.copy_db_parameter_group(
+        SourceDBParameterGroupIdentifier=source_group, TargetDBParameterGroupIdentifier=name,
+        TargetDBParameterGroupDescription=f"pgactive-upgrade: copy of {source_group} for {identifier}",
+    )
+    log.info("copied DB parameter group %s to %s for %s", source_group, name, identifier)
+
+
+def _is_default_group(name: str | None) -> bool:
+    return not name or name.startswith("default.")
+
+
+def _group_values(rds, name: str | None) -> dict[str, str | None]:
+    """Every parameter's effective value in the group (engine defaults included, unlike _user_parameters)."""
+    if not name:
+        return {}
+    pages = rds.get_paginator("describe_db_parameters").paginate(DBParameterGroupName=name)
+    return {p["ParameterName"]: p.get("ParameterValue") for page in pages for p in page["Parameters"]}
+
+
+def _other_users(rds, group: str, identifier: str) -> list[str]:
+    pages = rds.get_paginator("describe_db_instances").paginate()
+    return sorted(i["DBInstanceIdentifier"] for page in pages for i in page["DBInstances"]
+                  if i["DBInstanceIdentifier"] != identifier
+                  and any(g.get("DBParameterGroupName") == group for g in i.get("DBParameterGroups", [])))
+
+
+_BOOLEAN = {"1": "1", "on": "1", "true": "1", "yes": "1", "0": "0", "off": "0", "false": "0", "no": "0"}
+
+
+def _unmet(wanted: dict[str, str], values: dict[str, str | None]) -> dict[str, str]:
+    return {name: value for name, value in wanted.items() if not _satisfies(name, values.get(name), value)}
+
+
+def _satisfies(name: str, have: str | None, want: str) -> bool:
+    if have is None:
+        return False
+    if name in _REPLICATION_CAPACITY:  # minimums: a bigger value is fine. Formulas ({DBInstanceVCPU*2}) are unknown
+        return have.isdigit() and int(have) >= int(want)
+    return _BOOLEAN.get(have.strip().lower(), have) == _BOOLEAN.get(want.lower(), want)
+
+
 # ---------------------------------------------------------------- decommission
 
 

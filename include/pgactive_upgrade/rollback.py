@@ -16,11 +16,28 @@ from pgactive_upgrade.catalog import Sequence
 from pgactive_upgrade.db import Credentials, Endpoint, connected
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication.base import ReplicationDriver
-from pgactive_upgrade.traffic.base import TrafficController
+from pgactive_upgrade.traffic import HAProxyController
+from pgactive_upgrade.traffic.base import TrafficController, routes_from_settings
 
 
 class RollbackError(RuntimeError):
     pass
+
+
+def early_switch_to_source(traffic: dict) -> bool:
+    """Before cutover the source has every write: with HAProxy, traffic can go back at once, before the
+    rollback waits for the halted upgrade's steps (the full rollback switches again afterwards)."""
+    settings = traffic.get("haproxy") or {}
+    if traffic.get("controller") != "haproxy" or settings.get("set_target_address"):
+        return False
+    HAProxyController(
+        runtime_api=settings["runtime_api"],
+        routes=routes_from_settings(settings["routes"]),
+        source_server=settings.get("source_server", "source"),
+        target_server=settings.get("target_server", "target"),
+    ).switch(0, "target")
+    emit("rollback_early_switch", routes=[route["name"] for route in settings["routes"]])
+    return True
 
 
 @dataclass

@@ -121,11 +121,17 @@ class Upgrade:
             find_program("pg_dump", self.request.target_major)
         except Exception as error:
             problems.append(str(error))
+        plan = self.source_parameter_plan()
+        if plan.needs_reboot and not self.request.allow_source_reboot:
+            problems.append(
+                f"allow_source_reboot: the source needs {plan.changes or 'its pending parameters'} applied with a reboot "
+                f"(a brief outage); set allow_source_reboot to true to allow it"
+            )
         split = self._read_split(problems)
         if problems:
             raise PreflightError("preflight failed: " + "; ".join(problems))
         result = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(tables),
-                  "application_roles": roles, "split": split}
+                  "application_roles": roles, "split": split, "source_needs_reboot": plan.needs_reboot}
         emit("preflight_passed", **result)
         return result
 
@@ -184,6 +190,12 @@ class Upgrade:
         emit("target_provisioned", target_instance=info.identifier, status=info.status, instance_class=info.instance_class)
         return {"target": info.identifier, "status": info.status, "parameter_group": self.parameter_group}
 
+    def source_parameter_plan(self) -> rds.SourcePlan:
+        return rds.plan_source_parameters(
+            self.rds_client, self.source, self.request.replication_driver,
+            custom_group_name=f"{self.source.identifier}-{self.request.replication_driver}",
+        )
+
     def configure_parameters(self) -> dict:
         family = rds.parameter_group_family(self.request.target_engine_version)
         changed = rds.ensure_parameter_group(
@@ -195,8 +207,11 @@ class Upgrade:
         rebooted = changed or attached or rds.needs_reboot(info)
         if rebooted:
             info = rds.reboot_and_wait(self.rds_client, self.target_id)
-        emit("parameters_applied", target_instance=self.target_id, rebooted=rebooted)
-        return {"parameter_group": self.parameter_group, "rebooted": rebooted}
+        source = rds.apply_source_parameters(
+            self.rds_client, self.source, self.source_parameter_plan(), allow_reboot=self.request.allow_source_reboot
+        )
+        emit("parameters_applied", target_instance=self.target_id, rebooted=rebooted, source_rebooted=source["rebooted"])
+        return {"parameter_group": self.parameter_group, "rebooted": rebooted, "source": source}
 
     def install(self) -> dict:
         with connected(self.endpoint(self.target()), self.admin) as connection:

@@ -17,6 +17,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 
 
 
+def trigger_log(airflow, run_id: str) -> str:
+    """What the triggerer wrote for this run's sensor (Airflow keeps it beside the task's log)."""
+    folder = airflow.home / "logs" / "dag_id=sync_sensor_probe" / f"run_id={run_id}" / "task_id=wait_for_sync"
+    return "".join(path.read_text() for path in folder.glob("*trigger*"))
+
+
 def replicating_but_paused(topo, monkeypatch) -> dict:
     """Forward replication built by the domain steps, then paused so the sensor must defer."""
     monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
@@ -44,7 +50,10 @@ def test_sync_sensor_defers_to_the_real_triggerer_and_completes_when_replication
     run_id = airflow.trigger("sync_sensor_probe", conf)
 
     wait_for_state(airflow, "sync_sensor_probe", run_id, "wait_for_sync", "deferred", timeout=90)
-    time.sleep(2)  # a few polls in the triggerer while replication is paused: still deferred
+    deadline = time.monotonic() + 90
+    while "synced=False" not in trigger_log(airflow, run_id):  # the trigger polled while replication was paused
+        assert time.monotonic() < deadline, "the trigger never reported a poll"
+        time.sleep(0.5)
     states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("sync_sensor_probe", run_id)}
     assert states["wait_for_sync"] == "deferred"
 
@@ -52,9 +61,8 @@ def test_sync_sensor_defers_to_the_real_triggerer_and_completes_when_replication
         cursor.execute("ALTER SUBSCRIPTION pgu_orders_db_fwd ENABLE")
     assert airflow.wait_for_run("sync_sensor_probe", run_id, timeout=120) == "success"
     assert airflow.saw_deferred("sync_sensor_probe", run_id, "wait_for_sync")
-    task_log = str(airflow.task_log("sync_sensor_probe", run_id, "wait_for_sync", 1))
-    assert "synced=False" in task_log, "the trigger's polls while paused belong in the task log"
-    everything = task_log + (airflow.home / "run" / "triggerer.log").read_text()
+    everything = str(airflow.task_log("sync_sensor_probe", run_id, "wait_for_sync", 1)) + trigger_log(airflow, run_id)
+    everything += (airflow.home / "run" / "triggerer.log").read_text()
     assert topo.credentials["postgres"] not in everything and topo.credentials["replicator"] not in everything
 
 

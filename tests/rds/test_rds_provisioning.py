@@ -1,84 +1,10 @@
-"""include/pgactive_upgrade/rds.py against a real moto server (no boto3 patching).
+"""include/pgactive_upgrade/rds.py against a real moto server (no boto3 patching); fixtures in conftest.py."""
 
-Faults are injected with botocore `before-call` event hooks on the client under test: the hook answers
-with an HTTP 400 error body, so botocore raises the same modeled exception a real RDS endpoint would.
-"""
-
-import functools
-import socket
-import subprocess
-import time
-import urllib.request
-from pathlib import Path
-
-import boto3
 import pytest
-from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 
 from pgactive_upgrade import rds as r
-
-MOTO_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "moto_server"
-MOTO_PORT = 26850
-MOTO_URL = f"http://127.0.0.1:{MOTO_PORT}"
-SECRET = "s3cret-Passw0rd"
-
-
-def _wait_for_port(port: int, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"moto server did not listen on {port}")
-
-
-@pytest.fixture(scope="module")
-def moto_server():
-    proc = subprocess.Popen([str(MOTO_BIN), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(MOTO_PORT)
-        yield MOTO_URL
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@functools.cache  # client creation is slow; only the rds client under test carries event hooks, so it is per test
-def _client(service: str):
-    return boto3.client(service, endpoint_url=MOTO_URL, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
-
-
-@pytest.fixture
-def rds(moto_server):
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
-    return _client.__wrapped__("rds")
-
-
-@pytest.fixture
-def network(rds):
-    ec2 = _client("ec2")
-    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=az)["Subnet"]["SubnetId"]
-               for i, az in ((1, "us-east-1a"), (2, "us-east-1b"))]
-    sg = ec2.create_security_group(GroupName="orders-db", Description="db", VpcId=vpc)["GroupId"]
-    for name in ("orders-subnets", "other-subnets"):
-        rds.create_db_subnet_group(DBSubnetGroupName=name, DBSubnetGroupDescription=name, SubnetIds=subnets)
-    return {"subnet_group": "orders-subnets", "sg": sg}
-
-
-@pytest.fixture
-def source(rds, network):
-    rds.create_db_instance(
-        DBInstanceIdentifier="orders-db", Engine="postgres", EngineVersion="15.8", DBInstanceClass="db.r6g.large",
-        AllocatedStorage=100, StorageType="gp3", DBSubnetGroupName=network["subnet_group"],
-        VpcSecurityGroupIds=[network["sg"]], MasterUsername="dbadmin", MasterUserPassword=SECRET, DBName="orders",
-        MultiAZ=True, StorageEncrypted=True, BackupRetentionPeriod=7,
-    )
-    return r.resolve_source(rds, "orders-db")
+from rds_parts import SECRET, fail_first_calls
 
 
 @pytest.fixture
@@ -92,21 +18,6 @@ def _create_target(rds, source, group, **overrides):
     kwargs = dict(source=source, target_id="orders-db-pg17", engine_version="17.2", parameter_group=group,
                   master_password=SECRET, tags={"team": "sre"})
     return r.ensure_target_instance(rds, **{**kwargs, **overrides})
-
-
-def _fail_first_calls(rds, operation: str, code: str, times: int = 1) -> list:
-    """Make the next `times` calls of `operation` fail with `code`; returns the list of intercepted calls."""
-    calls = []
-
-    def hook(**_):
-        calls.append(operation)
-        if len(calls) <= times:
-            body = {"Error": {"Code": code, "Message": "injected fault"}, "ResponseMetadata": {"HTTPStatusCode": 400}}
-            return AWSResponse(MOTO_URL, 400, {}, None), body
-        return None
-
-    rds.meta.events.register(f"before-call.rds.{operation}", hook)
-    return calls
 
 
 # ---------------------------------------------------------------- pure functions
@@ -276,21 +187,21 @@ def test_needs_reboot():
 
 
 def test_reboot_retries_while_instance_busy(rds, source):
-    calls = _fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=1)
+    calls = fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=1)
     info = r.reboot_and_wait(rds, "orders-db", poll_s=0.05)
     assert calls == ["RebootDBInstance", "RebootDBInstance"]
     assert info.status == "available"
 
 
 def test_reboot_gives_up_with_clear_error(rds, source):
-    calls = _fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=10)
+    calls = fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=10)
     with pytest.raises(r.RdsError, match="rebooting orders-db failed after 3 attempt"):
         r.reboot_and_wait(rds, "orders-db", poll_s=0.01, attempts=3)
     assert len(calls) == 3
 
 
 def test_reboot_other_errors_are_not_retried(rds, source):
-    calls = _fail_first_calls(rds, "RebootDBInstance", "AccessDenied", times=10)
+    calls = fail_first_calls(rds, "RebootDBInstance", "AccessDenied", times=10)
     with pytest.raises(r.RdsError, match="AccessDenied"):
         r.reboot_and_wait(rds, "orders-db", poll_s=0.01)
     assert len(calls) == 1
@@ -353,13 +264,13 @@ def test_decommission_rejects_invalid_snapshot_id_before_any_call(rds, source):
 
 
 def test_decommission_retries_delete_while_busy(rds, source):
-    calls = _fail_first_calls(rds, "DeleteDBInstance", "InvalidDBInstanceState", times=2)
+    calls = fail_first_calls(rds, "DeleteDBInstance", "InvalidDBInstanceState", times=2)
     result = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-2", poll_s=0.01)
     assert len(calls) == 3 and result["deleted"] and not result["already"]
 
 
 def test_injected_fault_is_the_modeled_exception(rds, source):
-    _fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState")
+    fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState")
     with pytest.raises(rds.exceptions.InvalidDBInstanceStateFault):
         rds.reboot_db_instance(DBInstanceIdentifier="orders-db")
     assert isinstance(rds.exceptions.InvalidDBInstanceStateFault, type) and issubclass(

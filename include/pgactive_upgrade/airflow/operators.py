@@ -14,6 +14,7 @@ from pgactive_upgrade.airflow import state
 from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf
 from pgactive_upgrade.airflow.triggers import ReplicationLagTrigger
 from pgactive_upgrade.cutover import restore_split
+from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.upgrade import Upgrade
 
@@ -184,6 +185,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         problems = upgrade.health_problems()
         if not problems:
             return {"percent": int(self.percent), "healthy": True}
+        state.check_not_halted(context, upgrade.request.source_identifier)  # a rollback owns the traffic now
         restored = self._restore_last_healthy(upgrade, context)
         emit("phase_failed", percent=int(self.percent), problems=problems, restored=restored)
         raise AirflowFailException(
@@ -261,23 +263,32 @@ class RollbackOperator(BaseOperator):
         )
         state.write(progress.halt_key(ask.source_identifier), halt)
         emit("rollback_requested", upgrade_run=record["run_id"], by=requested_by, reason=ask.reason, step=record.get("step"))
+        early = record.get("step") not in CUTOVER_OR_LATER and early_switch_to_source(record["conf"].get("traffic") or {})
         self._wait_for_running_steps(context, record)
         upgrade = upgrade_from_conf(record["conf"])
         result = upgrade.rollback(token=f"rollback:{context['run_id']}#{context['ti'].try_number}")
         state.write(progress.record_key(ask.source_identifier), {**record, "state": "rolled_back", "rollback": halt,
                                                                     "split": result["split"], "updated_at": progress.now()})
         emit("rolled_back", upgrade_run=record["run_id"], total_ms=result["total_ms"], after_cutover=result["after_cutover"])
-        return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason, **result}
+        return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason,
+                "switched_before_waiting": early, **result}
 
     def _wait_for_running_steps(self, context, record: dict) -> None:
         """A step already past its halt check (a cutover mid-switch) finishes first; gates and sensors stop on the flag."""
         ti, deadline = context["ti"], time.monotonic() + self.wait_for_running_seconds
         while time.monotonic() < deadline:
-            running = ti.get_ti_count(dag_id=record["dag_id"], run_ids=[record["run_id"]], states=["running"])
+            running = ti.get_ti_count(
+                dag_id=record["dag_id"], run_ids=[record["run_id"]], task_ids=list(STEPS_THAT_ACT), states=["running"]
+            )
             if not running:
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
         emit("upgrade_still_running", upgrade_run=record["run_id"], waited_s=self.wait_for_running_seconds)
+
+
+# Steps that change traffic or replication; the rollback lets one already running finish before it acts.
+STEPS_THAT_ACT = ("traffic_phase.shift", "traffic_phase.health_check", "cutover", "detach_old_node", "decommission_source")
+CUTOVER_OR_LATER = ("cutover", "verify", "detach_old_node", "decommission_source")
 
 
 def _triggering_user(context) -> str:

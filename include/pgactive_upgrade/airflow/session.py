@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-from airflow.providers.amazon.aws.hooks.rds import RdsHook
 from airflow.sdk import BaseHook
 
 from pgactive_upgrade import config
@@ -32,6 +30,10 @@ def upgrade_from_conf(conf: dict) -> Upgrade:
 
 
 def upgrade_from_request(request: config.UpgradeRequest) -> Upgrade:
+    # Imported here: boto3 and the AWS hooks cost most of a task's DAG-parse time, which delays every task start.
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from airflow.providers.amazon.aws.hooks.rds import RdsHook
+
     admin, dbname = credentials(request.db_conn_id)
     replication, _ = credentials(request.replication_conn_id)
     route53 = None

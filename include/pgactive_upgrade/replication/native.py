@@ -183,6 +183,9 @@ class NativeDriver(ReplicationDriver):
         if target_connection is None:
             with self.target() as target:
                 return self.prepare_reverse(target)
+        if not query(target_connection, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.reverse,)):
+            self._grant_select(target_connection)  # before_fence was not called
+            self._ensure_publication(target_connection, self.reverse)
         if not query(target_connection, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)):
             query(target_connection, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.reverse,))
 
