@@ -40,7 +40,7 @@ with DAG(
     schedule=None,
     start_date=datetime(2025, 1, 1),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=16,  # upgrades of different sources run side by side; validate_request refuses a second one of the same source
     params=upgrade_params(),
     tags=["postgres", "rds", "upgrade"],
     default_args={"retries": 0},

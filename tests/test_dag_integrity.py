@@ -29,7 +29,7 @@ def test_upgrade_dag_runs_the_steps_in_order_with_the_prd_timeouts():
         assert downstream in dag.get_task(upstream).downstream_task_ids, (upstream, downstream)
     assert dag.get_task("provision_target").execution_timeout.total_seconds() == 15 * 60
     assert dag.get_task("wait_for_sync").timeout == 24 * 3600
-    assert dag.max_active_runs == 1
+    assert dag.max_active_runs > 1, "a fleet of sources upgrades side by side"
     assert dag.doc_md
 
 

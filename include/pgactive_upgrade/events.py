@@ -15,7 +15,7 @@ RESERVED_FIELDS = frozenset({"target", "level", "msg", "event", "timestamp", "lo
 _log = structlog.get_logger("pgactive_upgrade")
 
 
-def emit(event: str, level: int = logging.INFO, **fields: Any) -> dict[str, Any]:
+def emit(event: str, /, *, log_level: int = logging.INFO, **fields: Any) -> dict[str, Any]:
     """Log one event; oversize values are shortened so the JSON line stays under MAX_EVENT_BYTES."""
     fields = {(f"{key}_" if key in RESERVED_FIELDS else key): _jsonable(value) for key, value in fields.items()}
     while len(json.dumps({"event": event, **fields})) > MAX_EVENT_BYTES - 120 and fields:
@@ -24,7 +24,7 @@ def emit(event: str, level: int = logging.INFO, **fields: Any) -> dict[str, Any]
         if len(text) <= 24:
             break
         fields[key] = text[: max(16, len(text) // 2)] + "..."
-    _log.log(level, event, **fields)
+    _log.log(log_level, event, **fields)
     return fields
 
 

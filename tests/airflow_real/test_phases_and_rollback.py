@@ -89,6 +89,10 @@ def test_rollback_mid_phase_halts_the_upgrade_and_returns_traffic_in_seconds(rea
     wait_for_state(airflow, UPGRADE, run_id, "traffic_phase.health_check[0]", "running", timeout=180)
     time.sleep(3)  # well inside the 60 s settle time
     assert topo.haproxy.get_weight("pg_read", "target") == 30
+    second = airflow.trigger(UPGRADE, conf)
+    assert airflow.wait_for_run(UPGRADE, second, timeout=60) == "failed"
+    assert states_of(airflow, UPGRADE, second)["validate_request"] == "failed", "one upgrade per source at a time"
+    assert topo.haproxy.get_weight("pg_read", "target") == 30
 
     asked = time.monotonic()
     rollback_id = airflow.trigger(ROLLBACK, {"source_instance": "orders-db", "reason": "latency regression",

@@ -45,10 +45,25 @@ class ValidateRequestOperator(BaseOperator):
 
     def execute(self, context) -> list[int]:
         request = request_from(context)
+        self._refuse_a_second_upgrade_of_the_same_source(context, request.source_identifier)
         state.record_step(context, request.source_identifier, self.task_id, "done")
         emit("request_valid", source=request.source_instance, target_version=request.target_engine_version,
              driver=request.replication_driver, phases=list(request.shift_percentages))
         return list(request.shift_percentages)
+
+
+    @staticmethod
+    def _refuse_a_second_upgrade_of_the_same_source(context, source: str) -> None:
+        """Many sources may upgrade at once, but one source only once at a time."""
+        record = state.read(progress.record_key(source))
+        if not record or record["run_id"] == context["run_id"]:
+            return
+        other = context["ti"].get_dagrun_state(dag_id=record["dag_id"], run_id=record["run_id"])
+        if other in ("running", "queued"):
+            raise AirflowFailException(
+                f"source_instance: {source} is already being upgraded by run {record['run_id']} ({other}); "
+                "wait for it to end or roll it back"
+            )
 
 
 class PreflightOperator(UpgradeStepOperator):

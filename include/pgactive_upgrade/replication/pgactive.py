@@ -23,6 +23,12 @@ from pgactive_upgrade.replication.base import Lag, Node, ReplicationDriver, Repl
 STATUS_NAMES = {"b": "beginning", "i": "initializing", "c": "catching up", "o": "creating outbound slots",
                 "r": "ready", "k": "detached"}
 SEQUENCE_MARGIN = 1_000_000_000
+_OWNER_GRANTS = (
+    "GRANT USAGE ON SCHEMA pgactive TO {}",
+    "GRANT SELECT ON pgactive.pgactive_conflict_handlers TO {}",
+    "GRANT INSERT ON pgactive.pgactive_conflict_history TO {}",
+    "GRANT USAGE ON SEQUENCE pgactive.pgactive_conflict_history_id_seq TO {}",
+)
 
 
 class JoinFailed(ReplicationError):
@@ -110,6 +116,7 @@ class PgactiveDriver(ReplicationDriver):
         started = time.monotonic()
         source_name, target_name = self.node_name(self.link.source), self.node_name(self.link.target)
         if self._local_status(self.link.target) == "r" and self._local_status(self.link.source) == "r":
+            self.grant_conflict_lookup()
             moved = self.align_sequences()
             return {"group": source_name, "joined": target_name, "created": False, "sequences_moved": len(moved)}
         self._clean_failed_join_if_any()
@@ -117,6 +124,7 @@ class PgactiveDriver(ReplicationDriver):
         excluded = self._exclude_filtered_tables()
         self._join()
         self.wait_until_ready(started)
+        self.grant_conflict_lookup()
         moved = self.align_sequences()
         seconds = round(time.monotonic() - started, 1)
         emit("pgactive_joined", node=target_name, group=source_name, seconds=seconds, excluded=len(excluded),
@@ -250,6 +258,32 @@ class PgactiveDriver(ReplicationDriver):
             "AND dboid = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         return [f"{kind}: {error} at {when:%H:%M:%S}" for kind, error, when in rows]
+
+    def grant_conflict_lookup(self) -> list[str]:
+        """Let the owners of replicated tables resolve and log conflicts, on both nodes.
+
+        pgactive applies changes as the table owner (pgactive.apply_as_table_owner, on by default) and looks up
+        conflict handlers and logs the conflict as that role; without these grants every conflict on a table owned
+        by a non-superuser becomes `permission denied for table pgactive_conflict_handlers` (then `... for sequence
+        pgactive_conflict_history_id_seq`) and stalls the apply worker.
+        """
+        owners = set()
+        for node in self.nodes:
+            with self._connect(node) as connection:
+                rows = query(
+                    connection,
+                    "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "JOIN pg_roles r ON r.oid = c.relowner WHERE NOT r.rolsuper AND (n.nspname, c.relname) IN "
+                    "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    ([t.schema for t in self.link.tables], [t.name for t in self.link.tables]),
+                )
+                for (owner,) in rows:
+                    role = sql.Identifier(owner)
+                    execute(connection, sql.SQL("GRANT USAGE ON SCHEMA pgactive TO {}").format(role))
+                    for grant in _OWNER_GRANTS:
+                        execute(connection, sql.SQL(grant).format(role))
+                    owners.add(owner)
+        return sorted(owners)
 
     # --- failed join clean-up ------------------------------------------------------------------
     def _clean_failed_join_if_any(self) -> None:
