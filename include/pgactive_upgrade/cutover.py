@@ -126,11 +126,12 @@ class Cutover:
                     "replication was reversed by an earlier cutover, but the source takes writes again: the upgrade was "
                     "rolled back after cutover. Cutting over again needs a new upgrade from a fresh target."
                 )
-        self.controller.set_target_percent(100)
+        replication = self.driver.after_switch()  # completes a cutover that stopped right after its switch
         with connected(self.target, self.admin) as target:
             fencing.unfence(target, self.target.dbname, self.roles)
+        self.controller.set_target_percent(100)
         emit("cutover_already_done")
-        return {"already_done": True, "split": self.controller.read_split()}
+        return {"already_done": True, "split": self.controller.read_split(), "replication": replication}
 
 
 def restore_split(controller: TrafficController, split: dict[str, int]) -> None:

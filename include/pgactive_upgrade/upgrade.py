@@ -72,10 +72,13 @@ class Upgrade:
 
     def _dump_filter_args(self) -> list[str]:
         f = self.request.filters
-        args = [f"--schema={s}" for s in f.include_schemas] + [f"--exclude-schema={s}" for s in f.exclude_schemas]
-        args += [f"--table={t}" for t in f.include_tables] + [f"--exclude-table={t}" for t in f.exclude_tables]
-        if f.include_schemas or f.include_tables:
-            args.append(f"--schema={catalog.META_SCHEMA}")
+        # pg_dump reads these as patterns that fold case unless quoted
+        args = [f'--schema="{s}"' for s in f.include_schemas] + [f'--exclude-schema="{s}"' for s in f.exclude_schemas]
+        args += [f"--table={_quoted(t)}" for t in f.include_tables] + [f"--exclude-table={_quoted(t)}" for t in f.exclude_tables]
+        if f.include_tables:  # with --table, pg_dump ignores --schema: name the marker table too
+            args.append(f"--table={_quoted(catalog.META_SCHEMA + '.' + 'cutover_marker')}")
+        elif f.include_schemas:
+            args.append(f'--schema="{catalog.META_SCHEMA}"')
         return args
 
     def driver(self) -> ReplicationDriver:
@@ -114,14 +117,16 @@ class Upgrade:
             tables = catalog.tables(connection, self.request.filters)
             problems += self._table_problems(tables)
             problems += self._replication_role_problems(connection)
-            if query(connection, "SHOW wal_level")[0][0] != "logical":
-                problems.append(f"{source.identifier}: wal_level is not 'logical'; set rds.logical_replication=1 and reboot the source")
+            wal_level = query(connection, "SHOW wal_level")[0][0]
             roles = self.application_roles(connection)
         try:
             find_program("pg_dump", self.request.target_major)
         except Exception as error:
             problems.append(str(error))
         plan = self.source_parameter_plan()
+        if wal_level != "logical" and not plan.changes and not plan.needs_reboot:
+            problems.append(f"{source.identifier}: wal_level is '{wal_level}' although its parameter group enables "
+                            "logical replication; check the instance's parameters")
         if plan.needs_reboot and not self.request.allow_source_reboot:
             problems.append(
                 f"allow_source_reboot: the source needs {plan.changes or 'its pending parameters'} applied with a reboot "
@@ -365,6 +370,11 @@ class Upgrade:
         result = rds.decommission(self.rds_client, self.request.source_identifier, final_snapshot_id=snapshot_id)
         emit("source_decommissioned", source=self.request.source_identifier, snapshot=snapshot_id)
         return result
+
+
+def _quoted(qualified_name: str) -> str:
+    schema, table = qualified_name.split(".")
+    return f'"{schema}"."{table}"'
 
 
 def verify_error(differences: dict, behind: dict) -> RuntimeError:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg2
 import pytest
 
-from pgactive_upgrade import config, fencing
+from pgactive_upgrade import catalog, config, fencing
 from pgactive_upgrade.cutover import CutoverError
 from pgactive_upgrade.db import Credentials
 from pgactive_upgrade.upgrade import PreflightError, Upgrade
@@ -97,3 +99,17 @@ def test_preflight_refuses_a_target_version_that_is_not_newer(build):
     _, make = build
     with pytest.raises(PreflightError, match="target_engine_version: 15.9 is not a newer major"):
         make(target_engine_version="15.9").preflight()
+
+
+def test_include_tables_replicates_exactly_those_tables(build):
+    topo, make = build
+    upgrade = replicating(make(include_tables=["billing.invoices", "public.accounts"], exclude_schemas=[]))
+    deadline = time.monotonic() + 30
+    while not upgrade.lag().within(upgrade.request.lag_threshold_bytes):
+        assert time.monotonic() < deadline, upgrade.lag()
+        time.sleep(0.2)
+    with topo.new_pg.connect("postgres", dbname="app") as target:
+        assert sorted(catalog.user_tables(target)) == ["billing.invoices", "public.accounts"]
+    upgrade.cutover("include-tables")
+    result = upgrade.verify()
+    assert result["tables"] == 2 and result["rows"] > 0 and result["sequences"] == 2

@@ -91,6 +91,8 @@ class NativeDriver(ReplicationDriver):
     def _dump_and_restore(self, major: int) -> None:
         pg_dump, psql = find_program("pg_dump", major), find_program("psql", major)
         env = {**os.environ, "PGPASSWORD": self.link.admin.password, "PGAPPNAME": "pgactive_upgrade"}
+        if any(arg.startswith("--table=") for arg in self.link.filters_args):
+            self._create_schemas()  # a dump of single tables carries no CREATE SCHEMA
         with tempfile.NamedTemporaryFile(suffix=".sql") as dump:
             source = self.link.source.endpoint
             self._run(
@@ -107,6 +109,17 @@ class NativeDriver(ReplicationDriver):
                 "restore of the schema on the target",
             )
         emit("schema_copied", tables=len(self.link.tables), pg_dump=str(pg_dump))
+
+    def _create_schemas(self) -> None:
+        """With the source's owners: since PostgreSQL 16 the apply workers act as each table's owner."""
+        schemas = sorted({t.schema for t in self.link.tables} | {META_SCHEMA})
+        with self.source() as source:
+            owners = dict(query(source, "SELECT nspname, pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,)))
+        with self.target() as target:
+            for schema in schemas:
+                execute(target, sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
+                    sql.Identifier(schema), sql.Identifier(owners.get(schema, self.link.admin.user))
+                ))
 
     @staticmethod
     def _run(command: list[str], env: dict, what: str) -> None:
@@ -232,5 +245,9 @@ class NativeDriver(ReplicationDriver):
         )
 
     def cut_over_already(self) -> bool:
-        with self.source() as source:
-            return self._subscribed(source, self.reverse)
+        """Forward replication gone and the reverse slot in place: the switch happened (the reverse
+        subscription may still be missing if the cutover stopped right after the switch)."""
+        with self.target() as target:
+            if self._subscribed(target, self.forward):
+                return False
+            return bool(query(target, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)))

@@ -485,7 +485,7 @@ class PgactiveDriver(ReplicationDriver):
                                  "AND object_schema IS DISTINCT FROM 'pgactive'", (baseline,))[0][0]
 
     # --- cutover -------------------------------------------------------------------------------
-    def prepare_reverse(self) -> None:
+    def prepare_reverse(self, target_connection=None) -> None:
         """Nothing to prepare: pgactive already replicates target -> source."""
 
     def after_switch(self) -> dict:
