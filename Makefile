@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DRIVER ?= native
 
 export PYTHONPATH := $(CURDIR)/include:$(CURDIR)
 export PGU_PG_BIN_DIRS ?= $(CURDIR)/.local/pg17/bin
@@ -19,8 +20,10 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/uv pip sync --quiet --python $(PY) requirements.txt
 	touch $@
 
+# DRIVER=pgactive runs the demo with the pgactive driver; point PGU_OLD_PG_BIN and PGU_NEW_PG_BIN at
+# pgactive-enabled PostgreSQL 15 and 17 bin directories (pgactive is not in any package registry).
 demo: venv
-	$(PY) -m topology.demo up
+	PGU_DRIVER=$(DRIVER) $(PY) -m topology.demo up
 
 down: venv
 	$(PY) -m topology.demo down

@@ -27,6 +27,7 @@ def demo_conf(topo: Topology) -> dict:
     return {
         "source_instance": SOURCE,
         "target_engine_version": "17.2",
+        "replication_driver": os.environ.get("PGU_DRIVER") or "native",
         "exclude_schemas": ["scratch"],
         "shift_percentages": [25, 50, 100],
         "phase_settle_seconds": 2,
@@ -104,7 +105,10 @@ class ProgressPrinter:
 
 
 def summarize(airflow: LocalAirflow, topo: Topology, run_id: str, state: str) -> dict:
-    steps = {ti["task_id"]: round(ti["duration"] or 0, 2) for ti in airflow.task_instances(DAG_ID, run_id)}
+    steps = {
+        ti["task_id"] + ("" if ti.get("map_index", -1) == -1 else f"[{ti['map_index']}]"): round(ti["duration"] or 0, 2)
+        for ti in sorted(airflow.task_instances(DAG_ID, run_id), key=lambda t: t.get("start_date") or "")
+    }
     verified = xcom(airflow, run_id, "verify") or {}
     cutover = xcom(airflow, run_id, "cutover") or {}
     rds = topo.aws_client("rds")

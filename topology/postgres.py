@@ -11,11 +11,13 @@ from typing import Callable
 import psycopg2
 from psycopg2 import sql
 
+from topology.pgbinaries import pgactive_available, server_settings
 from topology.procs import TopologyError, port_open, require_port_free, running_pid, terminate
 
 OS_USER = "postgres"
 HOST = "127.0.0.1"
 NON_SUPERUSER_ROLES = {"replicator": "LOGIN REPLICATION", "app": "LOGIN"}
+DRIVER_ENV = "PGU_DRIVER"
 
 HBA = """\
 local all all scram-sha-256
@@ -58,6 +60,20 @@ class Server:
 
     def ensure_binaries(self) -> Path:
         return self.bin_dir
+
+    @property
+    def pgactive(self) -> bool:
+        """Start with pgactive loaded: when it is installed, unless PGU_DRIVER=native; PGU_DRIVER=pgactive requires it."""
+        driver = os.environ.get(DRIVER_ENV, "")
+        if driver == "native":
+            return False
+        available = pgactive_available(self.bin_dir)
+        if driver == "pgactive" and not available:
+            raise TopologyError(
+                f"{DRIVER_ENV}=pgactive but the {self.name} PostgreSQL at {self.bin_dir} has no pgactive extension "
+                f"(point PGU_OLD_PG_BIN / PGU_NEW_PG_BIN at a pgactive-enabled build)"
+            )
+        return available
 
     def dsn(self, user: str = "postgres", dbname: str = "postgres") -> str:
         parts = {"host": self.host, "port": self.port, "user": user, "password": self._credentials[user],
@@ -149,9 +165,18 @@ class Server:
             "full_page_writes": "off",
             "log_line_prefix": "'%m [%p] %q%u@%d '",
         }
+        if self.pgactive:
+            settings.update(self._pgactive_settings())
         conf = self.data_dir / "topology.conf"
         conf.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
         _chown_to_postgres(conf)
+
+    def _pgactive_settings(self) -> dict:
+        settings = {"shared_preload_libraries": "'pgactive'", "max_worker_processes": 32}
+        # Where the server has this list (17.11+), a slot with pgactive's output plugin is refused unless it is named.
+        if "output_plugin_libraries" in server_settings(self.bin_dir):
+            settings["output_plugin_libraries"] = "'pgoutput, test_decoding, pgactive'"
+        return settings
 
     def _ensure_roles(self) -> None:
         with self.connect() as connection, connection.cursor() as cursor:

@@ -462,12 +462,6 @@ def _filters_consistent(conf: dict) -> list[str]:
     return problems
 
 
-def _driver_built(conf: dict) -> list[str]:
-    if conf["replication_driver"] == "pgactive":
-        return ["replication_driver: 'pgactive' is not built yet (issue #3); expected 'native'"]
-    return []
-
-
 def _ports_in_range(conf: dict) -> list[str]:
     addresses = {f"endpoint_overrides.{key}": value for key, value in conf["endpoint_overrides"].items()}
     haproxy = conf["traffic"].get("haproxy") or {}
@@ -507,7 +501,6 @@ def _traffic_problems(conf: dict) -> list[str]:
 _CROSS_FIELD_RULES = [
     (("shift_percentages",), _phases_increase),
     (("include_schemas", "exclude_schemas", "include_tables", "exclude_tables"), _filters_consistent),
-    (("replication_driver",), _driver_built),
     (("endpoint_overrides", "traffic"), _ports_in_range),
     (("source_instance", "target_instance"), _target_differs),
     (("traffic",), _traffic_problems),

@@ -22,7 +22,9 @@ class CutoverError(RuntimeError):
 
 
 @dataclass
-class Cutover:
+class FencedSwitch:
+    """What a cutover and its reverse, the rollback after cutover, share: who, where, and timed steps."""
+
     driver: ReplicationDriver
     controller: TrafficController
     source: Endpoint
@@ -32,9 +34,30 @@ class Cutover:
     sequences: list[Sequence]
     deadline_seconds: float
     token: str
-    halted: Callable[[], None] = lambda: None  # raises when a rollback asked the upgrade to stop
     poll_seconds: float = 0.005
     timings_ms: dict = field(default_factory=dict)
+
+    def _step(self, name: str, function, *args):
+        began = time.monotonic()
+        result = function(*args)
+        self.timings_ms[name] = ms_since(began)
+        return result
+
+    def _wait_for_marker(self, connection, started: float, where: str) -> None:
+        """Until the marker written on the fenced side is visible through `connection`."""
+        while not self.driver.has_marker(connection, self.token):
+            if time.monotonic() - started > self.deadline_seconds:
+                raise CutoverError(f"deadline of {self.deadline_seconds} s passed while waiting for {where} to catch up")
+            time.sleep(self.poll_seconds)
+
+
+def ms_since(began: float) -> float:
+    return round((time.monotonic() - began) * 1000, 1)
+
+
+@dataclass
+class Cutover(FencedSwitch):
+    halted: Callable[[], None] = lambda: None  # raises when a rollback asked the upgrade to stop
 
     def run(self) -> dict:
         self.halted()
@@ -48,7 +71,7 @@ class Cutover:
             try:
                 ended = self._step("fence", fencing.fence, source, self.source.dbname, self.roles)
                 self._step("marker_written", self.driver.write_marker, source, self.token)
-                self._step("caught_up", self._wait_for_marker, target, started)
+                self._step("caught_up", self._wait_for_marker, target, started, "the target")
                 moved = self._step("sequences", sequences.move_forward, source, target, self.sequences)
                 self._step("reverse_prepared", self.driver.prepare_reverse, target)
                 # Before the switch: a session opened on a fenced database keeps its read-only default.
@@ -58,10 +81,10 @@ class Cutover:
             except Exception as error:
                 self._undo(source, target, previous)
                 raise CutoverError(
-                    f"cutover failed after {self._ms(started)} ms (steps done: {list(self.timings_ms)}): "
+                    f"cutover failed after {ms_since(started)} ms (steps done: {list(self.timings_ms)}): "
                     f"{error}; source unfenced and split restored to {previous}"
                 ) from error
-            unavailable_ms = self._ms(fenced_at)
+            unavailable_ms = ms_since(fenced_at)
             # Sessions that reconnected to the source inside the fence are read-only: end them too.
             ended += self._step("source_sessions_ended", fencing.end_sessions, source, self.source.dbname, self.roles)
         reverse = self._step("reverse_started", self.driver.after_switch)
@@ -70,7 +93,7 @@ class Cutover:
             raise CutoverError(f"traffic switched but the split reads back as {split}; set it to 100 % by hand")
         result = {
             "write_unavailable_ms": unavailable_ms,
-            "total_ms": self._ms(started),
+            "total_ms": ms_since(started),
             "sessions_ended": ended,
             "sequences_moved": len(moved),
             "roles_fenced": self.roles,
@@ -81,24 +104,9 @@ class Cutover:
         emit("cutover_done", write_unavailable_ms=unavailable_ms, sequences_moved=len(moved), sessions_ended=ended)
         return result
 
-    def _step(self, name: str, function, *args):
-        began = time.monotonic()
-        result = function(*args)
-        self.timings_ms[name] = self._ms(began)
-        return result
-
-    @staticmethod
-    def _ms(since: float) -> float:
-        return round((time.monotonic() - since) * 1000, 1)
-
     def _check_deadline(self, started: float, where: str) -> None:
         if time.monotonic() - started > self.deadline_seconds:
             raise CutoverError(f"deadline of {self.deadline_seconds} s passed {where}")
-
-    def _wait_for_marker(self, target, started: float) -> None:
-        while not self.driver.has_marker(target, self.token):
-            self._check_deadline(started, "while waiting for the target to catch up")
-            time.sleep(self.poll_seconds)
 
     def _undo(self, source, target, previous: dict[str, int]) -> None:
         """Every undo action runs even when an earlier one fails; failures are reported together."""

@@ -9,15 +9,12 @@ with the reverse replication left running so nothing written on the target is lo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 from pgactive_upgrade import fencing, sequences
-from pgactive_upgrade.catalog import Sequence
-from pgactive_upgrade.db import Credentials, Endpoint, connected
+from pgactive_upgrade.cutover import FencedSwitch, ms_since
+from pgactive_upgrade.db import connected
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication.base import ReplicationDriver
 from pgactive_upgrade.traffic import HAProxyController
-from pgactive_upgrade.traffic.base import TrafficController, routes_from_settings
+from pgactive_upgrade.traffic.base import routes_from_settings
 
 
 class RollbackError(RuntimeError):
@@ -40,25 +37,12 @@ def early_switch_to_source(traffic: dict) -> bool:
     return True
 
 
-@dataclass
-class Rollback:
-    driver: ReplicationDriver
-    controller: TrafficController
-    source: Endpoint
-    target: Endpoint
-    admin: Credentials = field(repr=False)
-    roles: list[str]
-    sequences: list[Sequence]
-    deadline_seconds: float
-    token: str
-    poll_seconds: float = 0.005
-    timings_ms: dict = field(default_factory=dict)
-
+class Rollback(FencedSwitch):
     def run(self) -> dict:
         started = time.monotonic()
         reverse = not self.driver.active_active and self.driver.cut_over_already()
         result = self._after_cutover() if reverse else self._before_cutover()
-        result.update(total_ms=_ms(started), steps_ms=self.timings_ms, split=self.controller.read_split())
+        result.update(total_ms=ms_since(started), steps_ms=self.timings_ms, split=self.controller.read_split())
         emit("rollback_done", after_cutover=reverse, total_ms=result["total_ms"])
         return result
 
@@ -75,7 +59,7 @@ class Rollback:
             try:
                 self._step("target_fenced", fencing.fence, target, self.target.dbname, self.roles)
                 self._step("marker_written", self.driver.write_marker, target, self.token)
-                self._step("caught_up", self._wait_for_marker, source, started)
+                self._step("caught_up", self._wait_for_marker, source, started, "the source")
                 moved = self._step("sequences", sequences.move_forward, target, source, self.sequences)
                 self._step("source_unfenced", fencing.unfence, source, self.source.dbname, self.roles)
                 self._step("switched", self._switch_to_source)
@@ -85,25 +69,10 @@ class Rollback:
                     f"rollback after cutover failed (steps done: {list(self.timings_ms)}): {error}; "
                     "the target was unfenced again and still takes the writes"
                 ) from error
-            unavailable_ms = _ms(fenced_at)
+            unavailable_ms = ms_since(fenced_at)
             self._step("target_sessions_ended", fencing.end_sessions, target, self.target.dbname, self.roles)
         return {"after_cutover": True, "write_unavailable_ms": unavailable_ms, "sequences_moved": len(moved)}
 
     def _switch_to_source(self) -> None:
         self.controller.switch(0, "target")
 
-    def _wait_for_marker(self, source, started: float) -> None:
-        while not self.driver.has_marker(source, self.token):
-            if time.monotonic() - started > self.deadline_seconds:
-                raise RollbackError(f"the source did not receive the target's last writes within {self.deadline_seconds} s")
-            time.sleep(self.poll_seconds)
-
-    def _step(self, name: str, function, *args):
-        began = time.monotonic()
-        result = function(*args)
-        self.timings_ms[name] = _ms(began)
-        return result
-
-
-def _ms(since: float) -> float:
-    return round((time.monotonic() - since) * 1000, 1)

@@ -300,40 +300,28 @@ class Upgrade:
         return round((time.monotonic() - started) * 1000, 1)
 
     def rollback(self, token: str) -> dict:
-        driver, target = self.driver(), self.target()
-        with connected(self.endpoint(self.source), self.admin) as connection:
-            roles = self.application_roles(connection)
-            seqs = catalog.sequences(connection, self.request.filters)
-        return Rollback(
-            driver=driver,
-            controller=self.controller(target),
-            source=self.endpoint(self.source),
-            target=self.endpoint(target),
-            admin=self.admin,
-            roles=roles,
-            sequences=seqs,
-            deadline_seconds=self.request.cutover_deadline_seconds,
-            token=token,
-        ).run()
+        return Rollback(**self._switch_arguments(token)).run()
 
     def cutover(self, token: str, halted=lambda: None) -> dict:
+        return Cutover(**self._switch_arguments(token), halted=halted).run()
+
+    def _switch_arguments(self, token: str) -> dict:
         driver, target = self.driver(), self.target()
         source_endpoint = self.endpoint(self.source)
         with connected(source_endpoint, self.admin) as connection:
             roles = self.application_roles(connection)
             seqs = catalog.sequences(connection, self.request.filters)
-        return Cutover(
-            driver=driver,
-            controller=self.controller(target),
-            source=source_endpoint,
-            target=self.endpoint(target),
-            admin=self.admin,
-            roles=roles,
-            sequences=seqs,
-            deadline_seconds=self.request.cutover_deadline_seconds,
-            token=token,
-            halted=halted,
-        ).run()
+        return {
+            "driver": driver,
+            "controller": self.controller(target),
+            "source": source_endpoint,
+            "target": self.endpoint(target),
+            "admin": self.admin,
+            "roles": roles,
+            "sequences": seqs,
+            "deadline_seconds": self.request.cutover_deadline_seconds,
+            "token": token,
+        }
 
     def verify(self, attempts: int = 10, pause: float = 1.0) -> dict:
         """Rows and sequences equal on both sides; retried briefly while the reverse replication catches up."""

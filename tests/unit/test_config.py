@@ -76,7 +76,6 @@ REJECTIONS = [
     single("security_group_ids", "sg-0123456789abcdef0", "is not of type 'array'"),
     # replication_driver
     single("replication_driver", "bdr", "is not one of ['native', 'pgactive']"),
-    single("replication_driver", "pgactive", "'pgactive' is not built yet", cross_field=True),
     # include/exclude schemas and tables
     single("include_schemas", ["1sales"], IDENTIFIER_HINT, path="include_schemas[0]"),
     single("include_schemas", "sales", "is not of type 'array'"),
@@ -230,23 +229,22 @@ def test_several_schema_problems_in_one_error():
 
 
 def test_several_cross_field_problems_in_one_error():
-    problems = problems_of({**MINIMAL, "target_instance": "orders-db", "replication_driver": "pgactive",
+    problems = problems_of({**MINIMAL, "target_instance": "orders-db",
                             "shift_percentages": [50, 20], "include_schemas": ["a"], "exclude_schemas": ["a"],
                             "endpoint_overrides": {"orders-db": "h:0"}, "traffic": {"controller": "route53"}})
     assert sorted(p.split(":")[0] for p in problems) == sorted([
-        "shift_percentages", "exclude_schemas", "replication_driver", "traffic.route53", "endpoint_overrides.orders-db",
+        "shift_percentages", "exclude_schemas", "traffic.route53", "endpoint_overrides.orders-db",
         "target_instance"])
 
 
 def test_schema_and_cross_field_problems_in_one_error():
-    problems = problems_of({**MINIMAL, "decommission": "destroy", "replication_driver": "pgactive"})
+    problems = problems_of({**MINIMAL, "decommission": "destroy", "shift_percentages": [50, 10]})
     assert_reported(problems, "decommission", "is not one of")
-    assert_reported(problems, "replication_driver", "not built yet")
+    assert_reported(problems, "shift_percentages", "strictly increasing")
 
 
-def test_pgactive_refusal_says_not_built_yet_and_expects_native():
-    problems = problems_of({**MINIMAL, "replication_driver": "pgactive"})
-    assert problems == ["replication_driver: 'pgactive' is not built yet (issue #3); expected 'native'"]
+def test_pgactive_driver_is_accepted():
+    assert validate({**MINIMAL, "replication_driver": "pgactive"}).replication_driver == "pgactive"
 
 
 def test_arn_is_accepted_and_source_identifier_strips_it():
