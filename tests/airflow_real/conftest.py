@@ -29,6 +29,8 @@ def airflow(topology, tmp_path_factory):
     (dags / "sync_sensor_probe.py").write_text(SENSOR_DAG)
     for dag_file in (REPO / "dags").glob("*.py"):
         (dags / dag_file.name).symlink_to(dag_file)
+    for plugin_file in (REPO / "plugins").glob("*.py"):
+        (plugins / plugin_file.name).symlink_to(plugin_file)
     instance = LocalAirflow(
         home=base / "home",
         dags_folder=dags,

@@ -9,6 +9,7 @@ import psycopg2
 import pytest
 
 from tests.airflow_real.runs import states_of, wait_for_state
+from topology.airflow_local import AirflowApiError
 from topology.demo import demo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
@@ -59,6 +60,20 @@ def test_phases_run_in_strict_order_and_the_upgrade_completes(ready):
             assert end(f"traffic_phase.health_check[{index - 1}]") <= end(gate) <= start(shift), index
     assert end("traffic_phase.health_check[2]") <= start("cutover")
     assert landing_port(topo, topo.haproxy.write_port) == topo.new_pg.port
+    assert_progress_endpoint(airflow, run_id)
+
+
+def assert_progress_endpoint(airflow, run_id: str) -> None:
+    """The plugin's Progress query: the recorded phase and split, authenticated, well under a second."""
+    started = time.monotonic()
+    answer = airflow._request("GET", "/pgactive-upgrade/progress/orders-db", None, token=airflow.token())
+    assert time.monotonic() - started < 1.0
+    assert answer["run_id"] == run_id and answer["state"] == "done"
+    assert answer["step"] == "decommission_source" or answer["phase"] == "cutover"
+    assert answer["split"] == {"pg_write": 100, "pg_read": 100}
+    with pytest.raises(AirflowApiError) as refused:
+        airflow._request("GET", "/pgactive-upgrade/progress/orders-db", None, token=None)
+    assert refused.value.status == 401
 
 
 def test_failed_health_check_returns_to_the_last_healthy_split_and_stops(ready):

@@ -1,0 +1,44 @@
+"""The upgrade's Progress query (the PRD's `Progress`): GET /pgactive-upgrade/progress/{source_instance}.
+
+Answers from the record each step keeps (phase, percent, split, state), so it costs one metadata
+read, well under a second. Authenticated like the REST API: a request without a valid token gets 401.
+"""
+
+from __future__ import annotations
+
+import json
+
+from airflow.api_fastapi.core_api.security import GetUserDep
+from airflow.models import Variable
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import FastAPI, HTTPException
+
+from pgactive_upgrade import progress
+
+app = FastAPI(title="pgactive upgrade progress")
+
+
+@app.get("/progress/{source_instance}")
+def read_progress(source_instance: str, user: GetUserDep) -> dict:
+    raw = Variable.get(progress.record_key(source_instance), default_var=None)
+    if raw is None:
+        raise HTTPException(status_code=404, detail=f"no upgrade of {source_instance!r} is recorded")
+    record = json.loads(raw)
+    halt = Variable.get(progress.halt_key(source_instance), default_var=None)
+    return {
+        "source_instance": source_instance,
+        "dag_id": record["dag_id"],
+        "run_id": record["run_id"],
+        "phase": record.get("phase") or record.get("step"),
+        "step": record.get("step"),
+        "state": record.get("state"),
+        "percent": record.get("percent"),
+        "split": record.get("split"),
+        "updated_at": record.get("updated_at"),
+        "halted": json.loads(halt) if halt and json.loads(halt).get("run_id") == record["run_id"] else None,
+    }
+
+
+class PgactiveUpgradeProgressPlugin(AirflowPlugin):
+    name = "pgactive_upgrade_progress"
+    fastapi_apps = [{"app": app, "url_prefix": "/pgactive-upgrade", "name": "pgactive upgrade progress"}]
