@@ -13,6 +13,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import psycopg2
+
 from topology import Ports, Topology
 from topology.airflow_local import LocalAirflow
 
@@ -123,9 +125,24 @@ def summarize(airflow: LocalAirflow, topo: Topology, run_id: str, state: str) ->
         "sequences_verified": verified.get("sequences"),
         "write_unavailable_ms": cutover.get("write_unavailable_ms"),
         "final_split_on_target_percent": cutover.get("split"),
+        "new_connections_through_haproxy_land_on": landing_versions(topo),
         "source_instance_deleted": not source_left,
         "final_snapshots": snapshots,
     }
+
+
+def landing_versions(topo: Topology, connections: int = 20) -> dict[str, int]:
+    """Open fresh connections through HAProxy's write port as the application role; count server versions."""
+    seen: dict[str, int] = {}
+    for _ in range(connections):
+        connection = psycopg2.connect(host="127.0.0.1", port=topo.haproxy.write_port, dbname="app", user="app",
+                                      password=topo.credentials["app"], connect_timeout=5)
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            version = cursor.fetchone()[0].split()[0]
+        connection.close()
+        seen[f"PostgreSQL {version}"] = seen.get(f"PostgreSQL {version}", 0) + 1
+    return seen
 
 
 def xcom(airflow: LocalAirflow, run_id: str, task_id: str):

@@ -34,7 +34,7 @@ class FencedSwitch:
     sequences: list[Sequence]
     deadline_seconds: float
     token: str
-    poll_seconds: float = 0.005
+    poll_seconds: float = 0.001
     timings_ms: dict = field(default_factory=dict)
 
     def _step(self, name: str, function, *args):

@@ -6,14 +6,22 @@ from pgactive_upgrade.catalog import Sequence
 from pgactive_upgrade.db import qualified, query
 from psycopg2 import sql
 
-_SETVAL = "SELECT setval(format('%%I.%%I', %s, %s)::regclass, %s, true)"
-
-
 def current_value(connection, sequence: Sequence) -> int | None:
     """The last value handed out, or None when nextval was never called."""
-    statement = sql.SQL("SELECT last_value, is_called FROM {}").format(qualified(sequence.schema, sequence.name))
-    last_value, is_called = query(connection, statement)[0]
-    return last_value if is_called else None
+    return current_values(connection, [sequence])[sequence.qualified_name]
+
+
+def current_values(connection, sequences: list[Sequence]) -> dict[str, int | None]:
+    """Every sequence's last value in one round trip (the cutover reads them inside the write fence)."""
+    if not sequences:
+        return {}
+    statement = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT {}, CASE WHEN is_called THEN last_value END FROM {}").format(
+            sql.Literal(s.qualified_name), qualified(s.schema, s.name)
+        )
+        for s in sequences
+    )
+    return dict(query(connection, statement))
 
 
 def move_forward(source, target, sequences: list[Sequence], margin: int = 0) -> dict[str, int]:
@@ -21,24 +29,31 @@ def move_forward(source, target, sequences: list[Sequence], margin: int = 0) -> 
 
     Returns the sequences that changed with their new values.
     """
+    on_source, on_target = current_values(source, sequences), current_values(target, sequences)
     moved = {}
     for sequence in sequences:
-        wanted = current_value(source, sequence)
+        wanted = on_source[sequence.qualified_name]
         if wanted is None:
             continue
         wanted += margin
-        have = current_value(target, sequence)
+        have = on_target[sequence.qualified_name]
         if have is None or have < wanted:
-            query(target, _SETVAL, (sequence.schema, sequence.name, wanted))
-            moved[sequence.qualified_name] = wanted
-    return moved
+            moved[sequence] = wanted
+    if moved:
+        query(target, sql.SQL("SELECT ") + sql.SQL(", ").join(
+            sql.SQL("setval(format('%I.%I', {}, {})::regclass, {}, true)").format(
+                sql.Literal(s.schema), sql.Literal(s.name), sql.Literal(value)
+            )
+            for s, value in moved.items()
+        ))
+    return {s.qualified_name: value for s, value in moved.items()}
 
 
 def differences(source, target, sequences: list[Sequence]) -> dict[str, tuple]:
     """Sequences whose target value is behind the source's: name -> (source, target)."""
+    on_source, on_target = current_values(source, sequences), current_values(target, sequences)
     behind = {}
-    for sequence in sequences:
-        on_source, on_target = current_value(source, sequence), current_value(target, sequence)
-        if on_source is not None and (on_target is None or on_target < on_source):
-            behind[sequence.qualified_name] = (on_source, on_target)
+    for name, value in on_source.items():
+        if value is not None and (on_target[name] is None or on_target[name] < value):
+            behind[name] = (value, on_target[name])
     return behind
