@@ -50,8 +50,10 @@ with DAG(
     provision_target = ProvisionTargetOperator(
         task_id="provision_target", execution_timeout=timedelta(minutes=15), retries=2, retry_delay=timedelta(seconds=30)
     )
+    # The PRD's 5 min covers the parameter change; a new instance still being created and two reboots
+    # (target, and the source when allowed) take longer on RDS.
     configure_parameters = ConfigureParametersOperator(
-        task_id="configure_parameters", execution_timeout=timedelta(minutes=5), retries=2, retry_delay=timedelta(seconds=30)
+        task_id="configure_parameters", execution_timeout=timedelta(minutes=45), retries=2, retry_delay=timedelta(seconds=30)
     )
     install_extension = InstallExtensionOperator(task_id="install_extension", execution_timeout=timedelta(minutes=3))
     with TaskGroup("init_replication_group") as init_replication_group:

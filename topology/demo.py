@@ -69,6 +69,7 @@ def up() -> int:
     started = time.monotonic()
     topo = Topology(STATE, PORTS)
     say("Starting the local topology (PostgreSQL 15 and 17, moto, HAProxy) ...")
+    local_airflow_without_topology().stop()  # it holds the old credentials and lives in the state dir reset below
     topo.reset()
     topo.up()
     topo.seed_database(rows=20000)

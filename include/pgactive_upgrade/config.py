@@ -20,6 +20,8 @@ INSTANCE_CLASS = r"^db\.[a-z0-9]+\.[a-z0-9]+$"
 SUBNET_GROUP = r"^[A-Za-z0-9 ._-]{1,255}$"
 SECURITY_GROUP = r"^sg-[0-9a-f]{8,17}$"
 RUNTIME_API = r"^(/\S+|[A-Za-z0-9_.-]+:[0-9]{1,5})$"
+ROUTE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,253}$"
+SINGLE_STATEMENT = r"^[^;]{1,2000}$"
 HOSTED_ZONE = r"^(/hostedzone/)?[A-Z0-9]{1,32}$"
 
 PATTERN_HINTS = {
@@ -35,6 +37,8 @@ PATTERN_HINTS = {
     SECURITY_GROUP: "a VPC security group id such as sg-0123456789abcdef0",
     RUNTIME_API: '"host:port" of the HAProxy runtime API or an absolute unix socket path',
     HOSTED_ZONE: "a Route 53 hosted zone id such as Z0123456789ABC",
+    ROUTE_NAME: "a HAProxy backend/server name or a DNS name (letters, digits, _ . -)",
+    SINGLE_STATEMENT: "one SQL statement of 1 to 2000 characters, without ';'",
 }
 
 ROUTE_SCHEMA = {
@@ -42,7 +46,7 @@ ROUTE_SCHEMA = {
     "additionalProperties": False,
     "required": ["name"],
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 255},
+        "name": {"type": "string", "pattern": ROUTE_NAME},
         "carries_writes": {"type": "boolean"},
     },
 }
@@ -60,8 +64,8 @@ TRAFFIC_SCHEMA: dict[str, Any] = {
             "properties": {
                 "runtime_api": {"type": "string", "pattern": RUNTIME_API},
                 "routes": {"type": "array", "minItems": 1, "items": ROUTE_SCHEMA},
-                "source_server": {"type": "string", "minLength": 1},
-                "target_server": {"type": "string", "minLength": 1},
+                "source_server": {"type": "string", "pattern": ROUTE_NAME},
+                "target_server": {"type": "string", "pattern": ROUTE_NAME},
                 "set_target_address": {"type": "boolean"},
             },
         },
@@ -187,10 +191,11 @@ FIELDS: dict[str, dict] = {
         "(sticky units such as one service per record) move, the phase's share of them, in the listed order.",
     ),
     "health_probes": _field(
-        {"type": "array", "maxItems": 10, "items": {"type": "string", "minLength": 1, "maxLength": 2000}},
+        {"type": "array", "maxItems": 10, "items": {"type": "string", "pattern": SINGLE_STATEMENT}},
         [],
         "Health probe queries",
-        "Extra read-only SQL run on the new instance after each phase; each must succeed within the probe budget.",
+        "Extra SQL statements (one each, no ';') run on the new instance after each phase inside a READ ONLY "
+        "transaction that is rolled back; each must succeed within the probe budget.",
     ),
     "probe_budget_ms": _field(
         {"type": "integer", "minimum": 10, "maximum": 60000},

@@ -123,6 +123,9 @@ class Upgrade:
             find_program("pg_dump", self.request.target_major)
         except Exception as error:
             problems.append(str(error))
+        if self.request.decommission == "delete" and source.deletion_protection:
+            problems.append(f"decommission: 'delete' but {source.identifier} has deletion protection; turn it off "
+                            "deliberately or use 'keep'")
         plan = self.source_parameter_plan()
         if wal_level != "logical" and not plan.changes and not plan.needs_reboot:
             problems.append(f"{source.identifier}: wal_level is '{wal_level}' although its parameter group enables "
@@ -257,8 +260,16 @@ class Upgrade:
         emit("phase_shifted", percent=percent, routes=routes, split=split)
         return {"percent": percent, "routes": routes, "split": split}
 
-    def health_problems(self) -> list[str]:
+    def conflict_marks(self) -> dict:
+        """Where each node's conflict history stands now (active-active drivers); {} when the driver has none."""
+        marks = getattr(self.driver(), "conflict_marks", None)
+        return marks() if marks else {}
+
+    def health_problems(self, conflict_baseline: dict | None = None) -> list[str]:
+        """conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count."""
         driver = self.driver()
+        if conflict_baseline is not None and hasattr(driver, "conflict_baseline"):
+            driver.conflict_baseline = conflict_baseline
         problems = driver.problems()
         lag = driver.lag()
         if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
@@ -277,7 +288,7 @@ class Upgrade:
             return [f"target does not accept connections: {type(error).__name__}: {str(error).strip()[:200]}"]
         try:
             query(connection, "SELECT set_config('statement_timeout', %s, false)", (str(budget),))
-            query(connection, "SET default_transaction_read_only = on")
+            connection.set_session(readonly=True, autocommit=False)  # every probe in a READ ONLY transaction, rolled back
             probes = [("connect+SELECT 1", "SELECT 1")] + [
                 (f"health_probes[{index}]", probe) for index, probe in enumerate(self.request.health_probes)
             ]
@@ -288,6 +299,8 @@ class Upgrade:
                 except Exception as error:
                     problems.append(f"{name} failed: {type(error).__name__}: {str(error).strip()[:200]}")
                     continue
+                finally:
+                    connection.rollback()
                 if took > budget:
                     problems.append(f"{name} took {took} ms, over the {budget} ms budget")
             return problems
@@ -300,6 +313,11 @@ class Upgrade:
         return round((time.monotonic() - started) * 1000, 1)
 
     def rollback(self, token: str) -> dict:
+        if rds.describe_instance(self.rds_client, self.target_id) is None:
+            controller = self.controller()  # no target yet: nothing can have moved but the routes
+            controller.switch(0, "target")
+            emit("rollback_done", after_cutover=False, target_exists=False)
+            return {"after_cutover": False, "target_exists": False, "total_ms": 0.0, "split": controller.read_split()}
         return Rollback(**self._switch_arguments(token)).run()
 
     def cutover(self, token: str, halted=lambda: None) -> dict:

@@ -22,7 +22,17 @@ FAIL_PROBE = "SELECT 1 / (to_regclass('public.fail_probe') IS NULL)::int"
 def ready(airflow, fresh_databases):
     airflow.wait_for_dag(UPGRADE)
     airflow.wait_for_dag(ROLLBACK)
+    forget_earlier_upgrades(airflow)
     return airflow, fresh_databases
+
+
+def forget_earlier_upgrades(airflow) -> None:
+    """Fresh databases: the record of an earlier test's cutover of the same source no longer applies."""
+    for key in ("pgactive_upgrade__orders-db", "pgactive_upgrade__orders-db__halt"):
+        try:
+            airflow.api("DELETE", f"variables/{key}")
+        except AirflowApiError as error:
+            assert error.status == 404, error
 
 
 def landing_port(topo, port: int) -> int:

@@ -28,6 +28,10 @@ def upgrade_env(fresh_databases, airflow_db, monkeypatch):
     for key, value in topo.airflow_connections_env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
+    from airflow.models import Variable
+
+    for key in ("pgactive_upgrade__orders-db", "pgactive_upgrade__orders-db__halt"):
+        Variable.delete(key)  # fresh databases: an earlier test's cutover record no longer applies
     return topo
 
 

@@ -97,7 +97,8 @@ REJECTIONS = [
     single("shift_percentages", ["10"], "is not of type 'integer'", path="shift_percentages[0]"),
     # shift_mode, health_probes, probe_budget_ms
     single("shift_mode", "gradual", "is not one of"),
-    single("health_probes", [""], "should be non-empty", path="health_probes[0]"),
+    single("health_probes", [""], "expected one SQL statement", path="health_probes[0]"),
+    single("health_probes", ["SELECT 1; DELETE FROM t"], "without ';'", path="health_probes[0]"),
     single("health_probes", ["SELECT 1"] * 11, "is too long"),
     single("probe_budget_ms", 5, "less than the minimum of 10"),
     single("allow_source_reboot", "yes", "is not of type 'boolean'"),
@@ -122,7 +123,9 @@ REJECTIONS = [
     single("traffic", haproxy(weight=5), "unknown key(s) weight", path="traffic.haproxy"),
     single("traffic", haproxy(runtime_api="localhost"), "expected \"host:port\"", path="traffic.haproxy.runtime_api"),
     single("traffic", haproxy(routes=[]), "should be non-empty", path="traffic.haproxy.routes"),
-    single("traffic", haproxy(routes=[{"name": ""}]), "should be non-empty", path="traffic.haproxy.routes[0].name"),
+    single("traffic", haproxy(routes=[{"name": ""}]), "expected a HAProxy backend/server name", path="traffic.haproxy.routes[0].name"),
+    single("traffic", haproxy(routes=[{"name": "pg_write; set server x addr 1.2.3.4"}]), "expected a HAProxy backend/server name",
+           path="traffic.haproxy.routes[0].name"),
     single("traffic", haproxy(routes=[{"name": "w", "carries_writes": "yes"}]), "is not of type 'boolean'",
            path="traffic.haproxy.routes[0].carries_writes"),
     single("traffic", haproxy(routes=[{"name": "w", "weight": 1}]), "unknown key(s) weight", path="traffic.haproxy.routes[0]"),
@@ -224,7 +227,7 @@ def test_several_schema_problems_in_one_error():
     assert_reported(problems, "shift_percentages[0]", "minimum of 1")
     assert_reported(problems, "shift_percentages[1]", "maximum of 100")
     assert_reported(problems, "decommission", "is not one of")
-    assert_reported(problems, "traffic.haproxy.routes[0].name", "should be non-empty")
+    assert_reported(problems, "traffic.haproxy.routes[0].name", "expected a HAProxy backend/server name")
     assert len(problems) == 6
 
 

@@ -58,6 +58,12 @@ class ValidateRequestOperator(BaseOperator):
         record = state.read(progress.record_key(source))
         if not record or record["run_id"] == context["run_id"]:
             return
+        if record.get("cut_over"):
+            raise AirflowFailException(
+                f"source_instance: {source} was already cut over by run {record['run_id']} at {record['cut_over']}; "
+                f"a new upgrade of it needs the Variable {progress.record_key(source)} deleted first, after checking "
+                "which instance takes the writes"
+            )
         other = context["ti"].get_dagrun_state(dag_id=record["dag_id"], run_id=record["run_id"])
         if other in ("running", "queued"):
             raise AirflowFailException(
@@ -88,7 +94,16 @@ class InstallExtensionOperator(UpgradeStepOperator):
 
 class BuildReplicationOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
-        return upgrade.build_group()
+        record = state.read(progress.record_key(upgrade.request.source_identifier)) or {}
+        if record.get("cut_over"):
+            raise AirflowFailException(
+                f"replication cannot be built again: traffic was cut over to the target at {record['cut_over']}"
+            )
+        result = upgrade.build_group()
+        return {**result, "conflict_baseline": upgrade.conflict_marks()}
+
+    def progress_fields(self, result):
+        return {"conflict_baseline": result["conflict_baseline"]}
 
 
 class WaitForSyncSensor(BaseSensorOperator):
@@ -197,9 +212,12 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
     def step(self, upgrade, context):
         self._settle(upgrade.request, context)
-        problems = upgrade.health_problems()
+        source = upgrade.request.source_identifier
+        problems = upgrade.health_problems((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
         if not problems:
             return {"percent": int(self.percent), "healthy": True}
+        # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
+        state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
         state.check_not_halted(context, upgrade.request.source_identifier)  # a rollback owns the traffic now
         restored = self._restore_last_healthy(upgrade, context)
         emit("phase_failed", percent=int(self.percent), problems=problems, restored=restored)
@@ -231,11 +249,15 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
 class CutoverOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
+        record = state.read(progress.record_key(upgrade.request.source_identifier)) or {}
+        if record.get("detached"):
+            emit("cutover_skipped", reason="the old node is already detached: the cutover is done")
+            return {"already_done": True, "detached": record["detached"]}
         token = f"{context['run_id']}#{context['ti'].try_number}"
         return upgrade.cutover(token, halted=lambda: state.check_not_halted(context, upgrade.request.source_identifier))
 
     def progress_fields(self, result):
-        return {"phase": "cutover", "percent": 100, "split": result.get("split")}
+        return {"phase": "cutover", "percent": 100, "split": result.get("split"), "cut_over": progress.now()}
 
 
 class VerifyOperator(UpgradeStepOperator):
@@ -246,6 +268,9 @@ class VerifyOperator(UpgradeStepOperator):
 class DetachOldNodeOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
         return upgrade.detach()
+
+    def progress_fields(self, result):
+        return {} if result.get("skipped") else {"detached": progress.now()}
 
 
 class DecommissionSourceOperator(UpgradeStepOperator):
@@ -263,23 +288,25 @@ def final_snapshot_id(request: config.UpgradeRequest, context) -> str:
 class RollbackOperator(BaseOperator):
     """Halts the upgrade run of the named source, returns every route to the source, keeps replication running."""
 
-    def __init__(self, *, wait_for_running_seconds: float = 70, **kwargs):
-        super().__init__(**kwargs)
-        self.wait_for_running_seconds = wait_for_running_seconds
-
     def execute(self, context) -> dict:
         ask = config.validate_rollback(dict(context["dag_run"].conf or {}))
         record = state.read(progress.record_key(ask.source_identifier))
         if not record:
             raise AirflowFailException(f"source_instance: no upgrade of {ask.source_identifier!r} is recorded here")
+        if record.get("detached"):
+            raise AirflowFailException(
+                f"source_instance: the old node {ask.source_identifier} was detached from replication at "
+                f"{record['detached']}; it no longer receives writes, and returning traffic to it would lose them"
+            )
+        request = config.validate(record["conf"])
         requested_by = ask.requested_by or _triggering_user(context)
         halt = progress.halt_record(
             run_id=record["run_id"], requested_by=requested_by, reason=ask.reason, rollback_run_id=context["run_id"]
         )
         state.write(progress.halt_key(ask.source_identifier), halt)
         emit("rollback_requested", upgrade_run=record["run_id"], by=requested_by, reason=ask.reason, step=record.get("step"))
-        early = record.get("step") not in CUTOVER_OR_LATER and early_switch_to_source(record["conf"].get("traffic") or {})
-        self._wait_for_running_steps(context, record)
+        early = record.get("step") not in CUTOVER_OR_LATER and early_switch_to_source(request.traffic)
+        self._wait_for_running_steps(context, record, request.cutover_deadline_seconds + 30)
         upgrade = upgrade_from_conf(record["conf"])
         result = upgrade.rollback(token=f"rollback:{context['run_id']}#{context['ti'].try_number}")
         state.write(progress.record_key(ask.source_identifier), {**record, "state": "rolled_back", "rollback": halt,
@@ -288,9 +315,10 @@ class RollbackOperator(BaseOperator):
         return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason,
                 "switched_before_waiting": early, **result}
 
-    def _wait_for_running_steps(self, context, record: dict) -> None:
+    @staticmethod
+    def _wait_for_running_steps(context, record: dict, seconds: float) -> None:
         """A step already past its halt check (a cutover mid-switch) finishes first; gates and sensors stop on the flag."""
-        ti, deadline = context["ti"], time.monotonic() + self.wait_for_running_seconds
+        ti, deadline = context["ti"], time.monotonic() + seconds
         while time.monotonic() < deadline:
             running = ti.get_ti_count(
                 dag_id=record["dag_id"], run_ids=[record["run_id"]], task_ids=list(STEPS_THAT_ACT), states=["running"]
@@ -298,7 +326,10 @@ class RollbackOperator(BaseOperator):
             if not running:
                 return
             time.sleep(0.05)
-        emit("upgrade_still_running", upgrade_run=record["run_id"], waited_s=self.wait_for_running_seconds)
+        raise AirflowFailException(
+            f"a step of upgrade run {record['run_id']} still runs after {seconds:.0f} s; the rollback changed nothing but "
+            "the halt flag. Find the stuck task (mark it failed), then trigger the rollback again."
+        )
 
 
 # Steps that change traffic or replication; the rollback lets one already running finish before it acts.

@@ -10,6 +10,7 @@ import os
 import subprocess
 import tempfile
 
+import psycopg2
 from psycopg2 import sql
 
 from pgactive_upgrade.catalog import META_SCHEMA, missing_tables, user_tables
@@ -138,6 +139,7 @@ class NativeDriver(ReplicationDriver):
         options = sql.SQL("copy_data = {}, create_slot = {}, slot_name = {}").format(
             sql.Literal(copy_data), sql.Literal(create_slot), sql.Literal(name)
         )
+        keep_statement_out_of_server_log(connection)
         execute(
             connection,
             sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})").format(
@@ -251,3 +253,14 @@ class NativeDriver(ReplicationDriver):
             if self._subscribed(target, self.forward):
                 return False
             return bool(query(target, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)))
+
+
+def keep_statement_out_of_server_log(connection) -> None:
+    """CREATE SUBSCRIPTION carries the replication password: a failing one must not be logged with its text.
+    Superuser-only settings; where the role may not set them (some managed services), the server's own log
+    policy applies."""
+    for setting, value in (("log_min_error_statement", "panic"), ("log_statement", "none")):
+        try:
+            query(connection, "SELECT set_config(%s, %s, false)", (setting, value))
+        except psycopg2.Error:
+            pass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from psycopg2 import sql
 
 from pgactive_upgrade import catalog, fencing
+from pgactive_upgrade.catalog import META_SCHEMA
 from pgactive_upgrade.config import Filters, slug
 from pgactive_upgrade.db import Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
@@ -31,6 +32,9 @@ _OWNER_GRANTS = (
 )
 
 
+CONFLICT_EXPORT_TABLE = "pgactive_conflict_history_export"
+
+
 class JoinFailed(ReplicationError):
     pass
 
@@ -44,7 +48,7 @@ class NodeState:
 class PgactiveDriver(ReplicationDriver):
     name = "pgactive"
     active_active = True
-    ready_timeout_seconds: float = 600.0
+    ready_timeout_seconds: float = 1500.0  # inside build_replication's 30 min: the join copies the whole database
     poll_seconds: float = 1.0
     failed_join_polls: int = 3  # consecutive polls without the joining node's worker that mean the join died
     sequence_margin: int = SEQUENCE_MARGIN
@@ -292,7 +296,11 @@ class PgactiveDriver(ReplicationDriver):
         if status in ("b", "i") and self._join_dead():
             self.clean_failed_join()
         elif status == "k":
-            self.clean_failed_join()
+            # Also what a detached, cut-over target shows: it may hold the only current data. Never drop it here.
+            raise ReplicationError(
+                f"{self.link.target.identifier}: the target node is detached from a pgactive group (status k); "
+                "refusing to rebuild it automatically because it may hold the only current data"
+            )
 
     def _join_dead(self) -> bool:
         for attempt in range(self.failed_join_polls):
@@ -503,6 +511,7 @@ class PgactiveDriver(ReplicationDriver):
     # --- detach and removal --------------------------------------------------------------------
     def detach(self) -> dict:
         history = self.export_conflict_history()
+        self._keep_conflict_history(history)
         detached = self._detach_source_from_target()
         removed = {}
         for node in (self.link.target, self.link.source):
@@ -514,8 +523,23 @@ class PgactiveDriver(ReplicationDriver):
                 # The old node may already be gone (decommissioned) or unreachable: the new one is what matters.
                 removed[node.identifier] = {"error": f"{type(error).__name__}: {str(error).strip()[:200]}"}
         emit("pgactive_removed", detached=detached, conflicts=sum(len(rows) for rows in history.values()))
-        return {"detached": self.link.source.identifier, "was_attached": detached, "conflict_history": history,
-                "removed": removed}
+        return {"detached": self.link.source.identifier, "was_attached": detached, "removed": removed,
+                "conflict_history": {node: len(rows) for node, rows in history.items()},
+                "conflict_history_table": f"{META_SCHEMA}.{CONFLICT_EXPORT_TABLE}"}
+
+    def _keep_conflict_history(self, history: dict[str, list[dict]]) -> None:
+        """Conflict rows hold application data: they stay in the new database, not in XCom or logs."""
+        table = qualified(META_SCHEMA, CONFLICT_EXPORT_TABLE)
+        with self.target() as target:
+            execute(target, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(META_SCHEMA)))
+            execute(target, sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (node text NOT NULL, exported_at timestamptz NOT NULL DEFAULT now(), "
+                "conflict jsonb NOT NULL)"
+            ).format(table))
+            for node, rows in history.items():
+                for row in rows:
+                    execute(target, sql.SQL("INSERT INTO {} (node, conflict) VALUES (%s, %s)").format(table),
+                            (node, json.dumps(row)))
 
     def export_conflict_history(self) -> dict[str, list[dict]]:
         """Both nodes' conflict history (pgactive_remove deletes it): record it in the run before removal."""
