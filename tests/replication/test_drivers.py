@@ -235,3 +235,18 @@ def test_servers_start_with_the_settings_pgactive_needs(topology, driver_name, p
         assert plugins is None or "pgactive" in plugins[0]
     assert sql_one(topology.new_pg, "SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'",
                    dbname="postgres")[0].replace(" ", "") == "pgoutput,test_decoding,pgactive"
+
+
+def test_detach_turns_snowflake_defaults_back_into_plain_sequences(driver, topology, pgactive_only):
+    build(driver)
+    sql_one(topology.new_pg, "ALTER TABLE billing.invoices ALTER COLUMN id SET DEFAULT "
+                             "pgactive.pgactive_snowflake_id_nextval('billing.invoices_id_seq'); SELECT 1")
+
+    driver.detach()
+
+    default = sql_one(topology.new_pg, "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d "
+                                       "JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
+                                       "WHERE d.adrelid = 'billing.invoices'::regclass AND a.attname = 'id'")[0]
+    assert "snowflake" not in default and "nextval('billing.invoices_id_seq'" in default
+    assert sql_one(topology.new_pg, "INSERT INTO billing.invoices (order_id, total, issued_at) "
+                                    "VALUES (1, 1, now()) RETURNING id")[0] > 0

@@ -597,17 +597,18 @@ class PgactiveDriver(ReplicationDriver):
         """Column defaults calling pgactive_snowflake_id_nextval(seq) fail after removal: use nextval(seq)."""
         rows = query(
             connection,
-            "SELECT n.nspname, c.relname, a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d "
+            "SELECT n.nspname, c.relname, a.attname, format('%I.%I', sn.nspname, s.relname) FROM pg_attrdef d "
             "JOIN pg_class c ON c.oid = d.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
             "JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
+            "JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass AND dep.objid = d.oid "
+            "AND dep.refclassid = 'pg_class'::regclass "
+            "JOIN pg_class s ON s.oid = dep.refobjid AND s.relkind = 'S' JOIN pg_namespace sn ON sn.oid = s.relnamespace "
             "WHERE pg_get_expr(d.adbin, d.adrelid) LIKE '%%pgactive_snowflake_id_nextval%%'",
         )
         replaced = []
-        for schema, table, column, expression in rows:
-            replacement = expression.replace("pgactive.pgactive_snowflake_id_nextval(", "nextval(").replace(
-                "pgactive_snowflake_id_nextval(", "nextval(")
-            execute(connection, sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
-                qualified(schema, table), sql.Identifier(column), sql.SQL(replacement)))
+        for schema, table, column, sequence in rows:
+            execute(connection, sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT nextval({}::regclass)").format(
+                qualified(schema, table), sql.Identifier(column), sql.Literal(sequence)))
             replaced.append(f"{schema}.{table}.{column}")
         return replaced
 
