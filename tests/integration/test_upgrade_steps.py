@@ -113,3 +113,30 @@ def test_include_tables_replicates_exactly_those_tables(build):
     upgrade.cutover("include-tables")
     result = upgrade.verify()
     assert result["tables"] == 2 and result["rows"] > 0 and result["sequences"] == 2
+
+
+def test_rollback_before_the_target_exists_only_returns_the_routes(build):
+    topo, make = build
+    topo.haproxy.set_weight("pg_read", "target", 50)
+    topo.haproxy.set_weight("pg_read", "source", 50)
+
+    result = make().rollback("early")
+
+    assert result == {"after_cutover": False, "target_exists": False, "total_ms": 0.0,
+                      "split": {"pg_write": 0, "pg_read": 0}}
+    assert [i["DBInstanceIdentifier"] for i in topo.aws_client("rds").describe_db_instances()["DBInstances"]] == ["orders-db"]
+
+
+def test_rollback_after_cutover_then_a_second_cutover_is_refused(build):
+    topo, make = build
+    upgrade = replicating(make())
+    deadline = time.monotonic() + 30
+    while not upgrade.lag().within(upgrade.request.lag_threshold_bytes):
+        assert time.monotonic() < deadline, upgrade.lag()
+        time.sleep(0.2)
+    upgrade.cutover("first")
+    assert upgrade.rollback("back")["after_cutover"] is True
+
+    with pytest.raises(CutoverError, match="rolled back after cutover"):
+        upgrade.cutover("again")
+    assert topo.haproxy.get_weight("pg_write", "source") == 100 and topo.haproxy.get_weight("pg_write", "target") == 0
