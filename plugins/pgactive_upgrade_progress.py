@@ -34,6 +34,8 @@ def read_progress(source_instance: str, user: GetUserDep) -> dict:
         "state": record.get("state"),
         "percent": record.get("percent"),
         "split": record.get("split"),
+        "replicationLagBytes": record.get("replication_lag_bytes"),
+        "lag_measured_at": record.get("lag_measured_at"),
         "updated_at": record.get("updated_at"),
         "halted": json.loads(halt) if halt and json.loads(halt).get("run_id") == record["run_id"] else None,
     }

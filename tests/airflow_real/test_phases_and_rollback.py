@@ -81,6 +81,7 @@ def assert_progress_endpoint(airflow, run_id: str) -> None:
     assert answer["run_id"] == run_id and answer["state"] == "done"
     assert answer["step"] == "decommission_source" or answer["phase"] == "cutover"
     assert answer["split"] == {"pg_write": 100, "pg_read": 100}
+    assert isinstance(answer["replicationLagBytes"], int) and answer["lag_measured_at"]
     with pytest.raises(AirflowApiError) as refused:
         airflow._request("GET", "/pgactive-upgrade/progress/orders-db", None, token=None)
     assert refused.value.status == 401

@@ -146,6 +146,9 @@ class WaitForSyncSensor(BaseSensorOperator):
         if event.get("status") != "synced":
             raise RuntimeError(f"replication did not reach sync: {event}")
         emit("in_sync", lag_bytes=event["lag_bytes"], polls=event["polls"])
+        request = request_from(context)
+        state.record_step(context, request.source_identifier, self.task_id, "done",
+                          replication_lag_bytes=event["lag_bytes"], lag_measured_at=progress.now())
         return {"lag_bytes": event["lag_bytes"], "deferred": True, "polls": event["polls"]}
 
 
@@ -215,7 +218,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         source = upgrade.request.source_identifier
         problems = upgrade.health_problems((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
         if not problems:
-            return {"percent": int(self.percent), "healthy": True}
+            return {"percent": int(self.percent), "healthy": True, "lag_bytes": upgrade.lag().bytes}
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
         state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
         state.check_not_halted(context, upgrade.request.source_identifier)  # a rollback owns the traffic now
@@ -225,6 +228,9 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
             f"health checks failed at {self.percent} %: {'; '.join(problems)}; traffic restored to {restored}. "
             "Fix the cause and clear the failed tasks (only_failed), or trigger pgactive_upgrade_rollback."
         )
+
+    def progress_fields(self, result):
+        return {"replication_lag_bytes": result["lag_bytes"], "lag_measured_at": progress.now()}
 
     @staticmethod
     def _settle(request: config.UpgradeRequest, context, poll_seconds: float = 0.5) -> None:
