@@ -69,6 +69,8 @@ def test_phases_run_in_strict_order_and_the_upgrade_completes(ready):
         if index:  # gates start early and wait: each ends only after the previous phase's check succeeded
             assert end(f"traffic_phase.health_check[{index - 1}]") <= end(gate) <= start(shift), index
     assert end("traffic_phase.health_check[2]") <= start("cutover")
+    assert airflow.saw_deferred(UPGRADE, run_id, "traffic_phase.wait_for_previous_phase", map_index=2), \
+        "a waiting gate holds no worker slot: it defers to the triggerer"
     assert landing_port(topo, topo.haproxy.write_port) == topo.new_pg.port
     assert_progress_endpoint(airflow, run_id)
 

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from pgactive_upgrade import config, progress
 from pgactive_upgrade.airflow import state
 from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf
-from pgactive_upgrade.airflow.triggers import ReplicationLagTrigger
+from pgactive_upgrade.airflow.triggers import PhaseGateTrigger, ReplicationLagTrigger, previous_phase_outcome
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.events import emit
@@ -158,36 +158,44 @@ def _node_spec(node) -> dict:
 
 
 class PhaseGateSensor(BaseSensorOperator):
-    """Phase n waits here until phase n-1's health check succeeded: mapped instances have no order of their own."""
+    """Phase n waits here, deferred, until phase n-1's health check succeeded: mapped instances have no order
+    of their own, and a failed instance does not stop the next one."""
 
-    template_fields = ("phase_index",)
-
-    def __init__(self, *, phase_index: Any = None, check_task_id: str, **kwargs):
-        kwargs.setdefault("poke_interval", 1)
-        kwargs.setdefault("mode", "poke")
+    def __init__(self, *, check_task_id: str, poll_interval: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.phase_index = phase_index
         self.check_task_id = check_task_id
+        self.poll_interval = poll_interval
 
-    def poke(self, context) -> bool:
-        request = request_from(context)
-        state.check_not_halted(context, request.source_identifier)
-        index = context["ti"].map_index
-        if index <= 0:
-            return True
-        ti, run_id = context["ti"], context["run_id"]
-        counts = {
-            wanted: ti.get_ti_count(
-                dag_id=ti.dag_id, task_ids=[self.check_task_id], map_index=index - 1, run_ids=[run_id], states=[wanted]
+    def execute(self, context) -> None:
+        source = request_from(context).source_identifier
+        state.check_not_halted(context, source)
+        ti = context["ti"]
+        if ti.map_index <= 0:
+            return
+        outcome = previous_phase_outcome(
+            ti.get_ti_count, dag_id=ti.dag_id, run_id=context["run_id"], check_task_id=self.check_task_id,
+            index=ti.map_index - 1,
+        )
+        if outcome is None:
+            self.defer(
+                trigger=PhaseGateTrigger(
+                    dag_id=ti.dag_id, run_id=context["run_id"], check_task_id=self.check_task_id,
+                    previous_index=ti.map_index - 1, halt_key=progress.halt_key(source), poll_interval=self.poll_interval,
+                ),
+                method_name="execute_complete",
+                timeout=None if self.timeout is None else timedelta(seconds=float(self.timeout)),
             )
-            for wanted in ("success", "failed", "upstream_failed", "skipped")
-        }
-        if counts["success"]:
-            return True
-        stopped = [s for s in ("failed", "upstream_failed", "skipped") if counts[s]]
-        if stopped:
-            raise AirflowFailException(f"phase {index - 1} ended {stopped[0]}: phase {index} does not start")
-        return False
+        self._open_or_fail(outcome, ti.map_index)
+
+    def execute_complete(self, context, event: dict[str, Any]) -> None:
+        if event["status"] == "halted":
+            raise AirflowFailException(f"halted by rollback: {event['halt']}")
+        self._open_or_fail(event["status"], context["ti"].map_index)
+
+    @staticmethod
+    def _open_or_fail(outcome: str, index: int) -> None:
+        if outcome != "success":
+            raise AirflowFailException(f"phase {index - 1} ended {outcome}: phase {index} does not start")
 
 
 class ShiftPhaseOperator(UpgradeStepOperator):

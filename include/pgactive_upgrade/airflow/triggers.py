@@ -92,9 +92,7 @@ class ReplicationLagTrigger(BaseTrigger):
             await asyncio.sleep(self.poll_interval)
 
     async def _halt(self) -> dict | None:
-        raw = await sync_to_async(Variable.get)(self.halt_key, default=None)
-        halt = json.loads(raw) if raw else None
-        return halt if halt and halt.get("run_id") == self.run_id else None
+        return await read_halt(self.halt_key, self.run_id)
 
     def _link(self, admin: Credentials) -> Link:
         return Link(
@@ -109,3 +107,62 @@ class ReplicationLagTrigger(BaseTrigger):
 def _node(spec: dict[str, Any]) -> Node:
     endpoint = Endpoint(spec["host"], int(spec["port"]), spec["dbname"])
     return Node(spec["identifier"], endpoint, endpoint)
+
+
+async def read_halt(halt_key: str, run_id: str) -> dict | None:
+    """The rollback's halt record when it names this run."""
+    raw = await sync_to_async(Variable.get)(halt_key, default=None)
+    halt = json.loads(raw) if raw else None
+    return halt if halt and halt.get("run_id") == run_id else None
+
+
+def previous_phase_outcome(get_ti_count, *, dag_id: str, run_id: str, check_task_id: str, index: int) -> str | None:
+    """'success' or the state that stopped phase index's health check; None while it has not ended."""
+    for wanted in ("success", "failed", "upstream_failed", "skipped"):
+        if get_ti_count(dag_id=dag_id, task_ids=[check_task_id], map_index=index, run_ids=[run_id], states=[wanted]):
+            return wanted
+    return None
+
+
+class PhaseGateTrigger(BaseTrigger):
+    """Waits in the triggerer until the previous phase's health check ended (or a rollback halted the run)."""
+
+    def __init__(self, *, dag_id: str, run_id: str, check_task_id: str, previous_index: int, halt_key: str,
+                 poll_interval: float = 1.0):
+        super().__init__()
+        self.dag_id = dag_id
+        self.run_id = run_id
+        self.check_task_id = check_task_id
+        self.previous_index = previous_index
+        self.halt_key = halt_key
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "dag_id": self.dag_id,
+                "run_id": self.run_id,
+                "check_task_id": self.check_task_id,
+                "previous_index": self.previous_index,
+                "halt_key": self.halt_key,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        while True:
+            halt = await read_halt(self.halt_key, self.run_id)
+            if halt:
+                yield TriggerEvent({"status": "halted", "halt": halt})
+                return
+            outcome = await sync_to_async(previous_phase_outcome)(
+                RuntimeTaskInstance.get_ti_count, dag_id=self.dag_id, run_id=self.run_id,
+                check_task_id=self.check_task_id, index=self.previous_index,
+            )
+            if outcome:
+                yield TriggerEvent({"status": outcome})
+                return
+            await asyncio.sleep(self.poll_interval)
