@@ -14,8 +14,8 @@ from pgactive_upgrade.airflow import state
 from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf
 from pgactive_upgrade.airflow.triggers import PhaseGateTrigger, ReplicationLagTrigger, previous_phase_outcome
 from pgactive_upgrade.cutover import restore_split
-from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.events import emit
+from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.upgrade import Upgrade
 
 
@@ -50,7 +50,6 @@ class ValidateRequestOperator(BaseOperator):
         emit("request_valid", source=request.source_instance, target_version=request.target_engine_version,
              driver=request.replication_driver, phases=list(request.shift_percentages))
         return list(request.shift_percentages)
-
 
     @staticmethod
     def _refuse_a_second_upgrade_of_the_same_source(context, source: str) -> None:
