@@ -20,17 +20,6 @@ def query_one(server, query, user="postgres", dbname="postgres", params=None):
         connection.close()
 
 
-def port_behind(topology, frontend_port):
-    connection = psycopg2.connect(host="127.0.0.1", port=frontend_port, user="app",
-                                  password=topology.credentials["app"], dbname="postgres", connect_timeout=5)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT inet_server_port()")
-            return cursor.fetchone()[0]
-    finally:
-        connection.close()
-
-
 def table_counts(server):
     connection = server.connect(dbname="app")
     try:
@@ -87,14 +76,14 @@ def test_haproxy_routes_to_old_server_by_default_and_follows_weights(fresh_datab
     topology = fresh_databases
     haproxy = topology.haproxy
 
-    assert {port_behind(topology, haproxy.write_port) for _ in range(6)} == {topology.old_pg.port}
-    assert {port_behind(topology, haproxy.read_port) for _ in range(6)} == {topology.old_pg.port}
+    assert {topology.port_behind(haproxy.write_port) for _ in range(6)} == {topology.old_pg.port}
+    assert {topology.port_behind(haproxy.read_port) for _ in range(6)} == {topology.old_pg.port}
 
     haproxy.set_weight("pg_write", "source", 0)
     haproxy.set_weight("pg_write", "target", 100)
     try:
-        assert {port_behind(topology, haproxy.write_port) for _ in range(6)} == {topology.new_pg.port}
-        assert {port_behind(topology, haproxy.read_port) for _ in range(6)} == {topology.old_pg.port}
+        assert {topology.port_behind(haproxy.write_port) for _ in range(6)} == {topology.new_pg.port}
+        assert {topology.port_behind(haproxy.read_port) for _ in range(6)} == {topology.old_pg.port}
     finally:
         haproxy.reset_weights()
     assert haproxy.get_weight("pg_write", "target") == 0

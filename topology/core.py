@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import fcntl
 import json
 import secrets
 import shutil
 import string
-from contextlib import contextmanager
 from pathlib import Path
+
+import psycopg2
 
 from topology import aws, seed
 from topology.haproxy import HAProxy
@@ -14,7 +14,7 @@ from topology.moto import MotoServer
 from topology.pgbinaries import LOCAL_DIR, REPO_ROOT, new_pg_bin_dir, old_pg_bin_dir
 from topology.ports import Ports
 from topology.postgres import HOST, Server
-from topology.procs import TopologyError, pid_alive
+from topology.procs import TopologyError, exclusive_lock, pid_alive
 
 ROLES = ("postgres", "replicator", "app")
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
@@ -110,6 +110,17 @@ class Topology:
             "AIRFLOW_CONN_PGU_REPLICATION": postgres_conn("replicator"),
         }
 
+    def port_behind(self, frontend_port: int, dbname: str = "postgres") -> int:
+        """The PostgreSQL port a new application connection through an HAProxy frontend lands on."""
+        connection = psycopg2.connect(host=HOST, port=frontend_port, user="app", password=self.credentials["app"],
+                                      dbname=dbname, connect_timeout=5)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT inet_server_port()")
+                return cursor.fetchone()[0]
+        finally:
+            connection.close()
+
     def endpoint_overrides(self, source_id: str = "orders-db", target_id: str = "orders-db-pg17") -> dict[str, str]:
         return {source_id: f"{HOST}:{self.old_pg.port}", target_id: f"{HOST}:{self.new_pg.port}"}
 
@@ -142,16 +153,8 @@ class Topology:
         self.credentials.clear()
         self.credentials.update(stored)
 
-    @contextmanager
     def _locked(self):
-        lock_path = self.state_dir.parent / f".{self.state_dir.name}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return exclusive_lock(self.state_dir.parent / f".{self.state_dir.name}.lock")
 
 
 def _generate_password() -> str:

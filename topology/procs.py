@@ -1,10 +1,12 @@
 """Pidfile, port and readiness helpers shared by the services."""
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -106,3 +108,15 @@ def _signal(pid: int, sig: int, group: bool) -> None:
             os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path):
+    """One process at a time across processes: an flock on lock_path, created when missing."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -31,6 +31,7 @@ class Upgrade:
     replication: Credentials = field(repr=False)
     dbname: str = "postgres"
     route53_client: object | None = None
+    _driver: ReplicationDriver | None = field(default=None, init=False, repr=False)
 
     # --- what the upgrade acts on -------------------------------------------------------------
     @cached_property
@@ -82,7 +83,10 @@ class Upgrade:
         return args
 
     def driver(self) -> ReplicationDriver:
-        return driver_for(self.request.replication_driver, self.link())
+        """One driver per Upgrade (one task): building it describes the target and lists the source's tables."""
+        if self._driver is None:
+            self._driver = driver_for(self.request.replication_driver, self.link())
+        return self._driver
 
     def controller(self, target: rds.InstanceInfo | None = None) -> TrafficController:
         target = target or rds.describe_instance(self.rds_client, self.target_id)
@@ -265,8 +269,9 @@ class Upgrade:
         marks = getattr(self.driver(), "conflict_marks", None)
         return marks() if marks else {}
 
-    def health_problems(self, conflict_baseline: dict | None = None) -> list[str]:
-        """conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count."""
+    def health_check(self, conflict_baseline: dict | None = None) -> tuple[list[str], Lag]:
+        """Problems after a phase, and the lag measured for them.
+        conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count."""
         driver = self.driver()
         if conflict_baseline is not None and hasattr(driver, "conflict_baseline"):
             driver.conflict_baseline = conflict_baseline
@@ -275,8 +280,8 @@ class Upgrade:
         if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
             problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
         problems += self._probe_problems()
-        emit("health_checked", problems=len(problems))
-        return problems
+        emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
+        return problems, lag
 
     def _probe_problems(self) -> list[str]:
         """The target answers, and each probe query succeeds, within the latency budget."""

@@ -35,17 +35,6 @@ def forget_earlier_upgrades(airflow) -> None:
             assert error.status == 404, error
 
 
-def landing_port(topo, port: int) -> int:
-    connection = psycopg2.connect(host="127.0.0.1", port=port, dbname="app", user="app",
-                                  password=topo.credentials["app"], connect_timeout=3)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT inet_server_port()")
-            return cursor.fetchone()[0]
-    finally:
-        connection.close()
-
-
 def times_of(airflow, run_id: str) -> dict[str, tuple[datetime, datetime]]:
     spans = {}
     for ti in airflow.task_instances(UPGRADE, run_id):
@@ -71,7 +60,7 @@ def test_phases_run_in_strict_order_and_the_upgrade_completes(ready):
     assert end("traffic_phase.health_check[2]") <= start("cutover")
     assert airflow.saw_deferred(UPGRADE, run_id, "traffic_phase.wait_for_previous_phase", map_index=2), \
         "a waiting gate holds no worker slot: it defers to the triggerer"
-    assert landing_port(topo, topo.haproxy.write_port) == topo.new_pg.port
+    assert topo.port_behind(topo.haproxy.write_port) == topo.new_pg.port
     assert_progress_endpoint(airflow, run_id)
 
 
@@ -125,7 +114,7 @@ def test_rollback_mid_phase_halts_the_upgrade_and_returns_traffic_in_seconds(rea
     asked = time.monotonic()
     rollback_id = airflow.trigger(ROLLBACK, {"source_instance": "orders-db", "reason": "latency regression",
                                              "requested_by": "sre-on-call"})
-    while landing_port(topo, topo.haproxy.read_port) != topo.old_pg.port or topo.haproxy.get_weight("pg_read", "target"):
+    while topo.port_behind(topo.haproxy.read_port) != topo.old_pg.port or topo.haproxy.get_weight("pg_read", "target"):
         assert time.monotonic() - asked < 60, "traffic did not return to the source"
         time.sleep(0.1)
     returned_after = time.monotonic() - asked
@@ -155,7 +144,7 @@ def test_rollback_after_cutover_keeps_every_write_and_is_harmless_twice(ready):
         rollback_id = airflow.trigger(ROLLBACK, {"source_instance": "orders-db", "reason": f"drill {attempt}"})
         assert airflow.wait_for_run(ROLLBACK, rollback_id, timeout=120) == "success", attempt
 
-    assert landing_port(topo, topo.haproxy.write_port) == topo.old_pg.port
+    assert topo.port_behind(topo.haproxy.write_port) == topo.old_pg.port
     with topo.old_pg.connect("app", dbname="app") as source, source.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM public.accounts WHERE email = 'after-cutover@example.com'")
         assert cursor.fetchone()[0] == 1, "the write made on the target after cutover must be on the source"

@@ -223,9 +223,9 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
         self._settle(upgrade.request, context)
         source = upgrade.request.source_identifier
-        problems = upgrade.health_problems((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
+        problems, lag = upgrade.health_check((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
         if not problems:
-            return {"percent": int(self.percent), "healthy": True, "lag_bytes": upgrade.lag().bytes}
+            return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes}
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
         state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
         state.check_not_halted(context, upgrade.request.source_identifier)  # a rollback owns the traffic now
