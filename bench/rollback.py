@@ -5,7 +5,7 @@ Each run starts from freshly seeded databases, triggers `pgactive_rolling_upgrad
 `pgactive_upgrade_rollback` through the REST API and polls HAProxy's read port with fresh connections as role
 `app` until every new connection lands on the source.
 
-    cd /work/main && PYTHONPATH=include:. .venv/bin/python bench/rollback.py --runs 7
+    PYTHONPATH=include:. .venv/bin/python bench/rollback.py --runs 7
 
 The last line printed is one JSON object with the summary.
 """

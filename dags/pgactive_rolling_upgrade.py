@@ -19,6 +19,7 @@ from pgactive_upgrade.airflow.operators import (
     BuildReplicationOperator,
     ConfigureParametersOperator,
     CutoverOperator,
+    CutoverWatchdogOperator,
     DecommissionSourceOperator,
     DetachOldNodeOperator,
     InstallExtensionOperator,
@@ -77,6 +78,10 @@ with DAG(
     # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
     # none_failed: with no phases configured the mapped group expands to nothing and is skipped.
     cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11), trigger_rule="none_failed")
+    # Beside the cutover, deferred: settles the switch within seconds if the cutover's process dies holding the fence.
+    cutover_watchdog = CutoverWatchdogOperator(
+        task_id="cutover_watchdog", execution_timeout=timedelta(hours=6), trigger_rule="none_failed"
+    )
     verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(minutes=10))
     detach_old_node = DetachOldNodeOperator(task_id="detach_old_node", execution_timeout=timedelta(minutes=5))
     decommission_source = DecommissionSourceOperator(task_id="decommission_source", execution_timeout=timedelta(minutes=10))
@@ -90,7 +95,7 @@ with DAG(
         init_replication_group,
         wait_for_sync,
         traffic_phases,
-        cutover,
+        [cutover, cutover_watchdog],
         verify,
         detach_old_node,
         decommission_source,

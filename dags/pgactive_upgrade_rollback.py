@@ -25,6 +25,7 @@ with DAG(
     schedule=None,
     start_date=datetime(2025, 1, 1),
     catchup=False,
+    max_active_runs=1,  # one rollback at a time; each takes the upgrade's lock on the source anyway
     params=rollback_params(),
     tags=["postgres", "rds", "upgrade", "rollback"],
     default_args={"retries": 0},

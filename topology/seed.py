@@ -93,8 +93,20 @@ def seed_database(old: Server, new: Server, rows: int) -> None:
         _drop_subscriptions(server)
     for server in servers:
         _drop_database(server)
+        _restore_logins(server)
         _create_database(server)
     _fill(old, rows)
+
+
+def _restore_logins(server: Server) -> None:
+    """A cutover's fence leaves the application role without LOGIN on the old node: every seed starts anew."""
+    connection = server.connect()
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(OWNER)))
+    finally:
+        connection.close()
 
 
 def _database_exists(server: Server) -> bool:

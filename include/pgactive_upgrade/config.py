@@ -352,7 +352,8 @@ class UpgradeRequest:
 
     @property
     def source_identifier(self) -> str:
-        return self.source_instance.rsplit(":", 1)[-1]
+        """The canonical key of the source: RDS identifiers are case-insensitive (ARN or name, any case)."""
+        return self.source_instance.rsplit(":", 1)[-1].lower()
 
     @property
     def target_major(self) -> int:
@@ -371,7 +372,8 @@ class RollbackRequest:
 
     @property
     def source_identifier(self) -> str:
-        return self.source_instance.rsplit(":", 1)[-1]
+        """The canonical key of the source: RDS identifiers are case-insensitive (ARN or name, any case)."""
+        return self.source_instance.rsplit(":", 1)[-1].lower()
 
 
 def validate_rollback(conf: Any) -> RollbackRequest:

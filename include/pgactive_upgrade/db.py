@@ -52,7 +52,18 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def connect(endpoint: Endpoint, credentials: Credentials, *, autocommit: bool = True, connect_timeout: int = 10):
+# A dead peer is noticed within seconds on both ends: the server ends a session whose client vanished (which
+# releases the locks it held, such as a cutover's), and the client stops waiting on a server that went away.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+SERVER_KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
+
+
+def connect(endpoint: Endpoint, credentials: Credentials, *, autocommit: bool = True, connect_timeout: int = 10,
+            statement_timeout_ms: int | None = None):
+    """statement_timeout_ms: every statement of the session ends by then (connections used inside a fence)."""
+    options = SERVER_KEEPALIVES
+    if statement_timeout_ms:
+        options += f" -c statement_timeout={int(statement_timeout_ms)}"
     connection = psycopg2.connect(
         host=endpoint.host,
         port=endpoint.port,
@@ -61,6 +72,8 @@ def connect(endpoint: Endpoint, credentials: Credentials, *, autocommit: bool = 
         password=credentials.password,
         connect_timeout=connect_timeout,
         application_name=APPLICATION_NAME,
+        options=options,
+        **KEEPALIVES,
     )
     connection.autocommit = autocommit
     return connection

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Iterator
 
-from pgactive_upgrade import catalog, fencing, rds, sequences, verify
+from pgactive_upgrade import catalog, fencing, rds, sequences, switch_state, verify
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import Lag, Link, Node, ReplicationDriver, driver_for
 from pgactive_upgrade.rollback import Rollback
+from pgactive_upgrade.switch_state import DETACH, SwitchState
 from pgactive_upgrade.tools import find_program
 from pgactive_upgrade.traffic import build_controller
 from pgactive_upgrade.traffic.base import TrafficController
@@ -105,8 +108,26 @@ class Upgrade:
         return endpoint.host, endpoint.port
 
     def application_roles(self, connection) -> list[str]:
+        """The roles to fence; those a fence already holds (they cannot log in now) count too."""
         exclude = (self.admin.user, self.replication.user)
-        return fencing.application_roles(connection, self.request.application_roles, exclude)
+        roles = fencing.application_roles(connection, self.request.application_roles, exclude)
+        return sorted(set(roles) | set(fencing.fenced_roles(connection)))
+
+    @property
+    def key(self) -> str:
+        """The upgrade's key on the databases (its state row and lock)."""
+        return Link.key_of(self.source.identifier)
+
+    @contextmanager
+    def acting(self, halted=lambda: None, wait_seconds: float | None = None) -> Iterator:
+        """Hold the upgrade's lock on the source while a step changes traffic or replication; `halted` is checked
+        under it, so a rollback (which sets the halt flag, then takes the lock) never races a step that acts."""
+        wait = self.request.cutover_deadline_seconds + 30 if wait_seconds is None else wait_seconds
+        with connected(self.endpoint(self.source), self.admin, connect_timeout=5) as connection:
+            switch_state.ensure_table(connection)
+            with switch_state.locked(connection, self.key, wait):
+                halted()
+                yield connection
 
     # --- steps ---------------------------------------------------------------------------------
     def preflight(self) -> dict:
@@ -123,6 +144,7 @@ class Upgrade:
             problems += self._replication_role_problems(connection)
             wal_level = query(connection, "SHOW wal_level")[0][0]
             roles = self.application_roles(connection)
+            problems += [f"application_roles: {problem}" for problem in fencing.fenceability_problems(connection, roles)]
         try:
             find_program("pg_dump", self.request.target_major)
         except Exception as error:
@@ -230,6 +252,9 @@ class Upgrade:
             major = server_major(connection)
         if major != self.request.target_major:
             raise PreflightError(f"{self.target_id}: server answers as PostgreSQL {major}, expected {self.request.target_major}")
+        with connected(self.endpoint(self.source), self.admin) as connection:  # before any replication is set up
+            switch_state.ensure_table(connection)
+            fencing.ensure_record_table(connection)
         return self.driver().install()
 
     def build_group(self) -> dict:
@@ -238,7 +263,7 @@ class Upgrade:
         if not driver.active_active:
             target = self.endpoint(self.target())
             with connected(target, self.admin) as connection:
-                fencing.fence(connection, target.dbname, self.application_roles(connection))
+                fencing.set_read_only(connection, target.dbname, self.application_roles(connection))
         emit("replication_started", **{k: v for k, v in result.items() if k != "created"})
         return result
 
@@ -322,11 +347,16 @@ class Upgrade:
             controller = self.controller()  # no target yet: nothing can have moved but the routes
             controller.switch(0, "target")
             emit("rollback_done", after_cutover=False, target_exists=False)
-            return {"after_cutover": False, "target_exists": False, "total_ms": 0.0, "split": controller.read_split()}
+            return {"after_cutover": False, "target_exists": False, "total_ms": 0.0, "split": controller.read_split(),
+                    "writer": "source"}
         return Rollback(**self._switch_arguments(token)).run()
 
     def cutover(self, token: str, halted=lambda: None) -> dict:
         return Cutover(**self._switch_arguments(token), halted=halted).run()
+
+    def recover_switch(self, token: str) -> dict:
+        """Settle a cutover or rollback whose process died (the watchdog); LockBusy while its actor lives."""
+        return Cutover(**self._switch_arguments(token)).recover()
 
     def _switch_arguments(self, token: str) -> dict:
         driver, target = self.driver(), self.target()
@@ -344,6 +374,7 @@ class Upgrade:
             "sequences": seqs,
             "deadline_seconds": self.request.cutover_deadline_seconds,
             "token": token,
+            "key": self.key,
         }
 
     def verify(self, attempts: int = 10, pause: float = 1.0) -> dict:
@@ -364,13 +395,21 @@ class Upgrade:
             time.sleep(pause)
         raise verify_error(differences, behind)
 
-    def detach(self) -> dict:
+    def detach(self, halted=lambda: None) -> dict:
         if self.request.decommission != "delete":
             emit("detach_skipped", reason="decommission is 'keep': the old node stays attached for rollback")
             return {"skipped": True}
         if rds.describe_instance(self.rds_client, self.request.source_instance) is None:
             return {"detached": self.request.source_identifier, "already": True}
-        result = self.driver().detach()
+        with self.acting(halted) as source:
+            state = switch_state.read(source, self.key)
+            if state is None or state.writer != "target" or not (state.settled or state.direction == DETACH):
+                raise RuntimeError("detach refused: the target is not the settled writer "
+                                   f"(switch state {state.as_dict() if state else None})")
+            # Recorded first: from here on a rollback refuses, since the old node stops receiving writes.
+            switch_state.write(source, self.key, SwitchState(DETACH, "detaching", state.token))
+            result = self.driver().detach()
+            switch_state.write(source, self.key, SwitchState(DETACH, "done", state.token))
         emit("old_node_detached", source=self.request.source_identifier)
         return result
 

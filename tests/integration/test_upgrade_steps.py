@@ -54,9 +54,9 @@ def test_cutover_past_its_deadline_undoes_itself(build):
     assert topo.haproxy.get_weight("pg_write", "target") == 0
     assert topo.haproxy.get_weight("pg_read", "target") == 50, "the previous split is restored"
     with topo.old_pg.connect("postgres", dbname="app") as source:
-        assert fencing.fenced_roles(source, "app") == []
+        assert fencing.fenced_roles(source) == []
     with topo.new_pg.connect("postgres", dbname="app") as target, target.cursor() as cursor:
-        assert fencing.fenced_roles(target, "app") == ["app"], "one-way replication: the target stays read-only"
+        assert fencing.read_only_roles(target, "app") == ["app"], "one-way replication: the target stays read-only"
         cursor.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgu_orders_db_rev'")
         assert cursor.fetchone()[0] == 0
     app = psycopg2.connect(host="127.0.0.1", port=topo.haproxy.write_port, dbname="app", user="app",
@@ -123,7 +123,7 @@ def test_rollback_before_the_target_exists_only_returns_the_routes(build):
     result = make().rollback("early")
 
     assert result == {"after_cutover": False, "target_exists": False, "total_ms": 0.0,
-                      "split": {"pg_write": 0, "pg_read": 0}}
+                      "split": {"pg_write": 0, "pg_read": 0}, "writer": "source"}
     assert [i["DBInstanceIdentifier"] for i in topo.aws_client("rds").describe_db_instances()["DBInstances"]] == ["orders-db"]
 
 

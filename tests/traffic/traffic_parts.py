@@ -5,6 +5,7 @@ import shutil
 import socket
 import socketserver
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ SOURCE_PORT, TARGET_PORT, SPARE_PORT = 26700, 26701, 26702  # SPARE_PORT: nothin
 WRITE_FRONTEND, READ_FRONTEND = 26710, 26711
 RUNTIME_API_PORT = 26769
 MOTO_PORT = 26750
-MOTO_SERVER = "/work/main/.venv/bin/moto_server"
+MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")  # the interpreter running the tests has moto
 
 
 class NamedHandler(socketserver.BaseRequestHandler):

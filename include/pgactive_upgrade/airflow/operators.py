@@ -11,11 +11,17 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import config, progress
 from pgactive_upgrade.airflow import state
-from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf
-from pgactive_upgrade.airflow.triggers import PhaseGateTrigger, ReplicationLagTrigger, previous_phase_outcome
+from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf, upgrade_from_request
+from pgactive_upgrade.airflow.triggers import (
+    PhaseGateTrigger,
+    ReplicationLagTrigger,
+    SwitchWatchdogTrigger,
+    previous_phase_outcome,
+)
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.rollback import early_switch_to_source
+from pgactive_upgrade.switch_state import LockBusy
 from pgactive_upgrade.upgrade import Upgrade
 
 
@@ -45,15 +51,23 @@ class ValidateRequestOperator(BaseOperator):
 
     def execute(self, context) -> list[int]:
         request = request_from(context)
-        self._refuse_a_second_upgrade_of_the_same_source(context, request.source_identifier)
-        state.record_step(context, request.source_identifier, self.task_id, "done")
+        self._claim(context, request)
         emit("request_valid", source=request.source_instance, target_version=request.target_engine_version,
              driver=request.replication_driver, phases=list(request.shift_percentages))
         return list(request.shift_percentages)
 
+    def _claim(self, context, request: config.UpgradeRequest) -> None:
+        """Many sources may upgrade at once, but one source only once at a time: the check and the record are made
+        under the upgrade's lock on the source, so two runs triggered together cannot both pass."""
+        try:
+            with upgrade_from_request(request).acting(wait_seconds=CLAIM_WAIT_SECONDS):
+                self._refuse_a_second_upgrade_of_the_same_source(context, request.source_identifier)
+                state.record_step(context, request.source_identifier, self.task_id, "done")
+        except LockBusy as error:
+            raise AirflowFailException(f"source_instance: {request.source_identifier} is being acted on: {error}")
+
     @staticmethod
     def _refuse_a_second_upgrade_of_the_same_source(context, source: str) -> None:
-        """Many sources may upgrade at once, but one source only once at a time."""
         record = state.read(progress.record_key(source))
         if not record or record["run_id"] == context["run_id"]:
             return
@@ -205,7 +219,8 @@ class ShiftPhaseOperator(UpgradeStepOperator):
         self.percent = percent
 
     def step(self, upgrade, context):
-        return upgrade.shift(int(self.percent))
+        with upgrade.acting(halted_check(context, upgrade)):
+            return upgrade.shift(int(self.percent))
 
     def progress_fields(self, result):
         return {"phase": self.task_id, "percent": result["percent"], "split": result["split"]}
@@ -221,6 +236,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         self.percent = percent
 
     def step(self, upgrade, context):
+        self._hold_phase_split(upgrade, context)
         self._settle(upgrade.request, context)
         source = upgrade.request.source_identifier
         problems, lag = upgrade.health_check((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
@@ -228,8 +244,8 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
             return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes}
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
         state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
-        state.check_not_halted(context, upgrade.request.source_identifier)  # a rollback owns the traffic now
-        restored = self._restore_last_healthy(upgrade, context)
+        with upgrade.acting(halted_check(context, upgrade)):  # a rollback owns the traffic once it halted the run
+            restored = self._restore_last_healthy(upgrade, context)
         emit("phase_failed", percent=int(self.percent), problems=problems, restored=restored)
         raise AirflowFailException(
             f"health checks failed at {self.percent} %: {'; '.join(problems)}; traffic restored to {restored}. "
@@ -238,6 +254,11 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
     def progress_fields(self, result):
         return {"replication_lag_bytes": result["lag_bytes"], "lag_measured_at": progress.now()}
+
+    def _hold_phase_split(self, upgrade: Upgrade, context) -> None:
+        """A check cleared after a failure runs again at its own phase's split, not at the one it restored."""
+        with upgrade.acting(halted_check(context, upgrade)):
+            upgrade.shift(int(self.percent))
 
     @staticmethod
     def _settle(request: config.UpgradeRequest, context, poll_seconds: float = 0.5) -> None:
@@ -278,9 +299,52 @@ class VerifyOperator(UpgradeStepOperator):
         return upgrade.verify()
 
 
+class CutoverWatchdogOperator(BaseOperator):
+    """Runs beside the cutover and waits in the triggerer: if the cutover's process dies mid-switch (its lock on the
+    source is then free while the switch state is unsettled), it settles the switch within seconds, so writes
+    resume on exactly one node without anyone acting. Ends when the cutover task ends."""
+
+    ui_color = "#fdf3e8"
+
+    def __init__(self, *, cutover_task_id: str = "cutover", poll_interval: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.cutover_task_id = cutover_task_id
+        self.poll_interval = poll_interval
+
+    def execute(self, context) -> None:
+        upgrade = upgrade_from(context)
+        request = upgrade.request
+        self.defer(
+            trigger=SwitchWatchdogTrigger(
+                source=_node_spec(upgrade.link().source),
+                db_conn_id=request.db_conn_id,
+                key=upgrade.key,
+                dag_id=context["ti"].dag_id,
+                run_id=context["run_id"],
+                cutover_task_id=self.cutover_task_id,
+                halt_key=progress.halt_key(request.source_identifier),
+                poll_interval=self.poll_interval,
+            ),
+            method_name="execute_complete",
+            timeout=None if self.execution_timeout is None else self.execution_timeout,
+        )
+
+    def execute_complete(self, context, event: dict[str, Any]) -> dict:
+        if event.get("status") != "abandoned":
+            return event
+        upgrade = upgrade_from(context)
+        try:
+            result = upgrade.recover_switch(token=f"watchdog:{context['run_id']}")
+        except LockBusy:
+            emit("watchdog_stood_down", reason="a live process took the switch over")
+            return {**event, "recovered": False}
+        emit("switch_recovered", by="watchdog", before=result["before"], after=result["after"])
+        return {**event, "recovered": True, **result}
+
+
 class DetachOldNodeOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
-        return upgrade.detach()
+        return upgrade.detach(halted_check(context, upgrade))
 
     def progress_fields(self, result):
         return {} if result.get("skipped") else {"detached": progress.now()}
@@ -303,7 +367,8 @@ class RollbackOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         ask = config.validate_rollback(dict(context["dag_run"].conf or {}))
-        record = state.read(progress.record_key(ask.source_identifier))
+        key = progress.record_key(ask.source_identifier)
+        record = state.read(key)
         if not record:
             raise AirflowFailException(f"source_instance: no upgrade of {ask.source_identifier!r} is recorded here")
         if record.get("detached"):
@@ -319,35 +384,25 @@ class RollbackOperator(BaseOperator):
         state.write(progress.halt_key(ask.source_identifier), halt)
         emit("rollback_requested", upgrade_run=record["run_id"], by=requested_by, reason=ask.reason, step=record.get("step"))
         early = record.get("step") not in CUTOVER_OR_LATER and early_switch_to_source(request.traffic)
-        self._wait_for_running_steps(context, record, request.cutover_deadline_seconds + 30)
         upgrade = upgrade_from_conf(record["conf"])
-        result = upgrade.rollback(token=f"rollback:{context['run_id']}#{context['ti'].try_number}")
-        state.write(progress.record_key(ask.source_identifier), {**record, "state": "rolled_back", "rollback": halt,
-                                                                    "split": result["split"], "updated_at": progress.now()})
+        try:
+            # Takes the upgrade's lock on the source: a live step finishes first (it stops on the halt flag); a dead
+            # one left the lock free and its unfinished switch is settled before anything else.
+            result = upgrade.rollback(token=f"rollback:{context['run_id']}#{context['ti'].try_number}")
+        except LockBusy as error:
+            raise AirflowFailException(f"the rollback changed nothing but the halt flag: {error}") from error
+        state.merge(key, {"state": "rolled_back", "rollback": halt, "split": result["split"], "writer": "source"})
         emit("rolled_back", upgrade_run=record["run_id"], total_ms=result["total_ms"], after_cutover=result["after_cutover"])
         return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason,
                 "switched_before_waiting": early, **result}
 
-    @staticmethod
-    def _wait_for_running_steps(context, record: dict, seconds: float) -> None:
-        """A step already past its halt check (a cutover mid-switch) finishes first; gates and sensors stop on the flag."""
-        ti, deadline = context["ti"], time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            running = ti.get_ti_count(
-                dag_id=record["dag_id"], run_ids=[record["run_id"]], task_ids=list(STEPS_THAT_ACT), states=["running"]
-            )
-            if not running:
-                return
-            time.sleep(0.05)
-        raise AirflowFailException(
-            f"a step of upgrade run {record['run_id']} still runs after {seconds:.0f} s; the rollback changed nothing but "
-            "the halt flag. Find the stuck task (mark it failed), then trigger the rollback again."
-        )
 
-
-# Steps that change traffic or replication; the rollback lets one already running finish before it acts.
-STEPS_THAT_ACT = ("traffic_phase.shift", "traffic_phase.health_check", "cutover", "detach_old_node", "decommission_source")
 CUTOVER_OR_LATER = ("cutover", "verify", "detach_old_node", "decommission_source")
+CLAIM_WAIT_SECONDS = 15
+
+
+def halted_check(context, upgrade: Upgrade):
+    return lambda: state.check_not_halted(context, upgrade.request.source_identifier)
 
 
 def _triggering_user(context) -> str:

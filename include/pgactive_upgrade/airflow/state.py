@@ -19,6 +19,13 @@ def write(key: str, value: dict[str, Any]) -> None:
     Variable.set(key, json.dumps(value, default=str))
 
 
+def merge(key: str, fields: dict[str, Any]) -> dict:
+    """Read the record again and write back only these fields: steps that ended meanwhile are kept."""
+    record = {**(read(key) or {}), **fields, "updated_at": progress.now()}
+    write(key, record)
+    return record
+
+
 def record_step(context, source_identifier: str, step: str, state: str, **extra: Any) -> None:
     dag_run = context["dag_run"]
     previous = read(progress.record_key(source_identifier)) or {}

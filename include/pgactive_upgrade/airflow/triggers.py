@@ -11,7 +11,8 @@ from asgiref.sync import sync_to_async
 from airflow.sdk import BaseHook, Variable
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from pgactive_upgrade.db import Credentials, Endpoint
+from pgactive_upgrade import switch_state
+from pgactive_upgrade.db import Credentials, Endpoint, connected
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import Link, Node, driver_for
 
@@ -166,3 +167,74 @@ class PhaseGateTrigger(BaseTrigger):
                 yield TriggerEvent({"status": outcome})
                 return
             await asyncio.sleep(self.poll_interval)
+
+
+class SwitchWatchdogTrigger(BaseTrigger):
+    """Watches a cutover from the triggerer. Fires `abandoned` when the switch state on the source is unsettled
+    while nobody holds the upgrade's lock (the server freed it when the acting process died), `finished` once the
+    cutover task ended with nothing left to settle, or `halted` when a rollback took the upgrade over."""
+
+    def __init__(self, *, source: dict[str, Any], db_conn_id: str, key: str, dag_id: str, run_id: str,
+                 cutover_task_id: str, halt_key: str, poll_interval: float = 1.0):
+        super().__init__()
+        self.source = source
+        self.db_conn_id = db_conn_id
+        self.key = key
+        self.dag_id = dag_id
+        self.run_id = run_id
+        self.cutover_task_id = cutover_task_id
+        self.halt_key = halt_key
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "source": self.source,
+                "db_conn_id": self.db_conn_id,
+                "key": self.key,
+                "dag_id": self.dag_id,
+                "run_id": self.run_id,
+                "cutover_task_id": self.cutover_task_id,
+                "halt_key": self.halt_key,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        connection = await sync_to_async(BaseHook.get_connection)(self.db_conn_id)
+        admin = Credentials(connection.login, connection.password)
+        while True:
+            try:
+                verdict = await asyncio.to_thread(switch_verdict, _node(self.source).endpoint, admin, self.key)
+            except Exception as error:  # the source unreachable for a moment must not end the watch
+                self.log.warning("switch state unreadable: %s", type(error).__name__)
+                verdict = None
+            if verdict == "abandoned":
+                yield TriggerEvent({"status": "abandoned"})
+                return
+            if verdict is not None and verdict != "acting":
+                if await read_halt(self.halt_key, self.run_id):
+                    yield TriggerEvent({"status": "halted"})
+                    return
+                ended = await sync_to_async(RuntimeTaskInstance.get_ti_count)(
+                    dag_id=self.dag_id, task_ids=[self.cutover_task_id], run_ids=[self.run_id],
+                    states=["success", "failed", "upstream_failed", "skipped"],
+                )
+                if ended:
+                    yield TriggerEvent({"status": "finished", "switch": verdict})
+                    return
+            await asyncio.sleep(self.poll_interval)
+
+
+def switch_verdict(endpoint: Endpoint, admin: Credentials, key: str) -> str:
+    """'none' (no switch yet), 'settled', 'acting' (a live process holds the lock) or 'abandoned'."""
+    with connected(endpoint, admin, connect_timeout=5, statement_timeout_ms=5000) as connection:
+        state = switch_state.read(connection, key)
+        if state is None:
+            return "none"
+        if state.settled or state.direction == switch_state.DETACH:
+            return "settled"
+        return "acting" if switch_state.lock_holder(connection, key) else "abandoned"

@@ -37,7 +37,11 @@ class Link:
 
     @property
     def key(self) -> str:
-        return "pgu_" + slug(self.source.identifier)
+        return self.key_of(self.source.identifier)
+
+    @staticmethod
+    def key_of(source_identifier: str) -> str:
+        return "pgu_" + slug(source_identifier)
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,6 @@ class ReplicationDriver(ABC):
     @abstractmethod
     def detach(self) -> dict:
         """Stop replicating between the nodes and remove the driver's objects; idempotent."""
-
-    def cut_over_already(self) -> bool:
-        """Whether a cutover already finished (the cutover step then only completes the switch)."""
-        return False
 
     def problems(self) -> list[str]:
         """Health problems of the replication right now; empty when healthy."""

@@ -201,8 +201,10 @@ class NativeDriver(ReplicationDriver):
         if not query(target_connection, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.reverse,)):
             self._grant_select(target_connection)  # before_fence was not called
             self._ensure_publication(target_connection, self.reverse)
-        if not query(target_connection, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)):
-            query(target_connection, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.reverse,))
+        # Always a new slot, created now that the marker has arrived: a slot left by an earlier attempt would send
+        # that attempt's rows (this marker among them) back to the source, where they already are.
+        self._drop_slot(target_connection, self.reverse)
+        query(target_connection, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.reverse,))
 
     def after_switch(self) -> dict:
         with self.target() as target:
@@ -245,14 +247,6 @@ class NativeDriver(ReplicationDriver):
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s AND NOT active",
             (slot,),
         )
-
-    def cut_over_already(self) -> bool:
-        """Forward replication gone and the reverse slot in place: the switch happened (the reverse
-        subscription may still be missing if the cutover stopped right after the switch)."""
-        with self.target() as target:
-            if self._subscribed(target, self.forward):
-                return False
-            return bool(query(target, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.reverse,)))
 
 
 def keep_statement_out_of_server_log(connection) -> None:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 
 from psycopg2 import sql
 
-from pgactive_upgrade import catalog, fencing
+from pgactive_upgrade import catalog
+from pgactive_upgrade.fencing import FENCE_TABLE
+from pgactive_upgrade.switch_state import STATE_TABLE
 from pgactive_upgrade.catalog import META_SCHEMA
 from pgactive_upgrade.config import Filters, slug
 from pgactive_upgrade.db import Endpoint, connected, execute, qualified, query
@@ -166,7 +168,10 @@ class PgactiveDriver(ReplicationDriver):
         replicated = {t.qualified_name for t in self.link.tables}
         with self.source() as source:
             present = catalog.user_tables(source)
-        return [name for name in present if name not in replicated]
+            # Each node keeps its own switch state and fence record: they must never replicate.
+            own = [f"{META_SCHEMA}.{name}" for name in (STATE_TABLE, FENCE_TABLE)
+                   if query(source, "SELECT to_regclass(%s)", (f"{META_SCHEMA}.{name}",))[0][0]]
+        return [name for name in present if name not in replicated] + own
 
     def _exclude_filtered_tables(self) -> list[str]:
         """Only possible while the source is the group's single node: between create_group and join_group."""
@@ -502,11 +507,6 @@ class PgactiveDriver(ReplicationDriver):
 
     def abort_cutover(self) -> None:
         """Nothing to undo: prepare_reverse changed nothing."""
-
-    def cut_over_already(self) -> bool:
-        """A finished cutover leaves the source fenced; a failed one unfences it."""
-        with self.source() as source:
-            return bool(fencing.fenced_roles(source, self.link.source.endpoint.dbname))
 
     # --- detach and removal --------------------------------------------------------------------
     def detach(self) -> dict:
