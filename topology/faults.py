@@ -200,11 +200,31 @@ def _child() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
+    def die(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
     FencedSwitch._advance, FencedSwitch._step = advance_then_maybe_die, step_then_maybe_die
-    upgrade = Upgrade(config.validate(spec["conf"]), aws.client("rds", spec["moto_url"]),
+    rds_client = aws.client("rds", spec["moto_url"])
+    if kill_at == "instance_created":  # the create call reached RDS; the step never learned it
+        rds_client.meta.events.register("after-call.rds.CreateDBInstance", die)
+    if kill_at == "subscription_created":
+        from pgactive_upgrade.replication.native import NativeDriver
+
+        create = NativeDriver._ensure_subscription
+
+        def create_then_die(self, *args, **kwargs):
+            create(self, *args, **kwargs)
+            die()
+
+        NativeDriver._ensure_subscription = create_then_die
+    upgrade = Upgrade(config.validate(spec["conf"]), rds_client,
                       Credentials("postgres", spec["admin"]), Credentials("replicator", spec["replication"]),
                       dbname=DATABASE)
-    (upgrade.rollback if spec["action"] == "rollback" else upgrade.cutover)(spec["token"])
+    action = spec["action"]
+    if action in ("cutover", "rollback"):
+        getattr(upgrade, action)(spec["token"])
+    else:
+        getattr(upgrade, action)()
     return 0
 
 

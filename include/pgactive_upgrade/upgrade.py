@@ -124,7 +124,6 @@ class Upgrade:
         under it, so a rollback (which sets the halt flag, then takes the lock) never races a step that acts."""
         wait = self.request.cutover_deadline_seconds + 30 if wait_seconds is None else wait_seconds
         with connected(self.endpoint(self.source), self.admin, connect_timeout=5) as connection:
-            switch_state.ensure_table(connection)
             with switch_state.locked(connection, self.key, wait):
                 halted()
                 yield connection

@@ -116,6 +116,46 @@ def test_a_rerun_cutover_after_an_undone_one_does_not_echo_its_marker(replicatin
     assert apply_running
 
 
+@pytest.mark.parametrize("step,kill_at", [("provision_target", "instance_created"),
+                                          ("build_group", "subscription_created")])
+def test_a_step_killed_mid_way_runs_again_without_creating_anything_twice(fresh_databases, monkeypatch, step, kill_at):
+    topo = fresh_databases
+    monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
+    conf = demo_conf(topo)
+    upgrade = upgrade_of(topo, conf)
+    steps = [upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters, upgrade.install,
+             upgrade.build_group]
+    for earlier in steps[: [s.__name__ for s in steps].index(step)]:
+        earlier()
+    code = faults.run_child(faults.child_spec(topo, conf, step, kill_at, "unused"))
+    assert code == -9, "the child was to die at " + kill_at
+    getattr(upgrade_of(topo, conf), step)()  # the cleared task
+
+    rds = topo.aws_client("rds")
+    instances = [i["DBInstanceIdentifier"] for i in rds.describe_db_instances()["DBInstances"]]
+    assert sorted(instances) == ["orders-db", "orders-db-pg17"]
+    groups = [g["DBParameterGroupName"] for g in rds.describe_db_parameter_groups()["DBParameterGroups"]
+              if g["DBParameterGroupName"].startswith("orders-db-pg17")]
+    assert groups == ["orders-db-pg17-native"]
+    if step == "build_group":
+        with closing(topo.new_pg.connect("postgres", dbname="app")) as target, target.cursor() as cursor:
+            cursor.execute("SELECT subname FROM pg_subscription")
+            assert [r[0] for r in cursor.fetchall()] == ["pgu_orders_db_fwd"]
+        with closing(topo.old_pg.connect("postgres", dbname="app")) as source, source.cursor() as cursor:
+            cursor.execute("SELECT slot_name FROM pg_replication_slots")
+            assert [r[0] for r in cursor.fetchall()] == ["pgu_orders_db_fwd"]
+        deadline = time.monotonic() + 30
+        while not upgrade.lag().within(upgrade.request.lag_threshold_bytes):
+            assert time.monotonic() < deadline, upgrade.lag()
+            time.sleep(0.2)
+        counts = []
+        for server in (topo.old_pg, topo.new_pg):
+            with closing(server.connect("postgres", dbname="app")) as connection, connection.cursor() as cursor:
+                cursor.execute("SELECT (SELECT count(*) FROM public.orders), (SELECT count(*) FROM billing.invoices)")
+                counts.append(cursor.fetchone())
+        assert counts[0] == counts[1] and counts[0][0] > 0, counts  # copied once: no duplicate rows, none missing
+
+
 # --- the fence cannot be bypassed -------------------------------------------------------------------------------
 
 def app_connect(port: int, password: str, **kwargs):
