@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
 
-from pgactive_upgrade.airflow.operators import RollbackOperator
+from pgactive_upgrade.airflow.operators import CutoverWatchdogOperator, RollbackOperator
 from pgactive_upgrade.airflow.params import rollback_params
 
 with DAG(
@@ -30,4 +30,8 @@ with DAG(
     tags=["postgres", "rds", "upgrade", "rollback"],
     default_args={"retries": 0},
 ) as dag:
-    RollbackOperator(task_id="roll_back", execution_timeout=timedelta(minutes=5))
+    # At most: a live cutover's deadline, then the rollback's own fenced switch with the same deadline (10 min each).
+    RollbackOperator(task_id="roll_back", execution_timeout=timedelta(minutes=25))
+    # Beside it, in the triggerer: settles the rollback's switch within seconds if its process dies mid-way.
+    CutoverWatchdogOperator(task_id="switch_watchdog", cutover_task_id="roll_back", upgrade_from_record=True,
+                            execution_timeout=timedelta(hours=1))

@@ -140,6 +140,7 @@ class FencedSwitch:
 
     def _undo_cutover(self, source, state: SwitchState, target=None) -> None:
         """Every undo action runs even when an earlier one fails; the state says `undone` only when all did."""
+        switch_state.confirm(source, self.key, state)
         failed = []
         for name, action in (
             ("restore split", lambda: restore_split(self.controller, state.previous_split)),
@@ -171,6 +172,7 @@ class FencedSwitch:
             self._mirror_when_reachable(state)
 
     def _undo_rollback(self, source, state: SwitchState, target=None) -> None:
+        switch_state.confirm(source, self.key, state)
         with self._target_session(target) as target:
             fencing.unfence(target)
             restore_split(self.controller, state.previous_split)
@@ -190,7 +192,7 @@ class Cutover(FencedSwitch):
                 return self._already_done(state)
             if state and state.direction == ROLLBACK:
                 raise CutoverError(
-                    "this upgrade was rolled back after its cutover (the source takes the writes again); cutting over "
+                    "this upgrade was rolled back after cutover (the source takes the writes again); cutting over "
                     "again needs a new upgrade from a fresh target"
                 )
             self.halted()
@@ -201,6 +203,10 @@ class Cutover(FencedSwitch):
         self._step("before_fence", self.driver.before_fence)
         with self._connect(self.target) as target:
             switch_state.ensure_table(target)
+            # Roles that logged in to the target since the build (or were added) get its read-only default too.
+            missing = sorted(set(self.roles) - set(fencing.read_only_roles(target, self.target.dbname)))
+            if missing and not self.driver.active_active:
+                fencing.set_read_only(target, self.target.dbname, missing)
             state = SwitchState(CUTOVER, "fencing", self.token, previous)
             started = time.monotonic()
             try:
@@ -216,8 +222,10 @@ class Cutover(FencedSwitch):
                 self._advance(source, state, "reverse_prepared")
                 self._check_deadline(started, "before the traffic switch")
                 self._advance(source, state, SWITCHING, mirror=target)
-            except Exception as error:
+            except BaseException as error:  # a task timeout or termination too: nothing half-done stays
                 self._undo_cutover(source, state, target)
+                if not isinstance(error, Exception):
+                    raise
                 raise CutoverError(
                     f"cutover failed after {ms_since(started)} ms (steps done: {list(self.timings_ms)}): "
                     f"{error}; source unfenced and split restored to {previous}"

@@ -88,8 +88,10 @@ class Rollback(FencedSwitch):
                 self._advance(source, state, "sequences")
                 self._check_deadline(started, "before the traffic switch")
                 self._advance(source, state, SWITCHING, mirror=target)
-            except Exception as error:
+            except BaseException as error:  # a task timeout or termination too
                 self._undo_rollback(source, state, target)
+                if not isinstance(error, Exception):
+                    raise
                 raise RollbackError(
                     f"rollback after cutover failed (steps done: {list(self.timings_ms)}): {error}; the target was "
                     "unfenced again and still takes the writes (the only writable node)"

@@ -100,6 +100,16 @@ def write(connection, key: str, state: SwitchState) -> None:
         (key, state.direction, state.phase, state.token, json.dumps(state.previous_split), state.holder))
 
 
+def confirm(connection, key: str, state: SwitchState) -> None:
+    """Through the connection that holds the lock: this actor still holds it and the row still says `state.phase`.
+    Called before undoing, so an actor that lost its connection (and so its lock) never undoes what a later one
+    may be rolling forward."""
+    rows = query(connection, sql.SQL("UPDATE {} SET holder = %s WHERE key = %s AND phase = %s RETURNING 1").format(
+        qualified(META_SCHEMA, STATE_TABLE)), (holder_name(), key, state.phase))
+    if not rows:
+        raise LockBusy(f"the switch state of {key} is no longer {state.phase!r}: another actor took over")
+
+
 def _lock_args(key: str) -> tuple[int, str]:
     return LOCK_CLASS, f"pgactive_upgrade:{key}"
 
@@ -115,8 +125,10 @@ def locked(connection, key: str, wait_seconds: float, poll_seconds: float = 0.02
     try:
         yield
     finally:
-        if not connection.closed:
+        try:
             query(connection, "SELECT pg_advisory_unlock(%s, hashtext(%s))", _lock_args(key))
+        except Exception:  # a dead connection already released it; the error that brought us here matters more
+            pass
 
 
 def lock_holder(connection, key: str) -> str | None:

@@ -16,7 +16,7 @@ from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, overr
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import Lag, Link, Node, ReplicationDriver, driver_for
 from pgactive_upgrade.rollback import Rollback
-from pgactive_upgrade.switch_state import DETACH, SwitchState
+from pgactive_upgrade.switch_state import CUTOVER, DETACH, SwitchState
 from pgactive_upgrade.tools import find_program
 from pgactive_upgrade.traffic import build_controller
 from pgactive_upgrade.traffic.base import TrafficController
@@ -24,6 +24,10 @@ from pgactive_upgrade.traffic.base import TrafficController
 
 class PreflightError(RuntimeError):
     pass
+
+
+class AlreadySwitchedError(RuntimeError):
+    """A cutover went ahead (or was rolled back, or the old node detached): steps before cutover may not act."""
 
 
 @dataclass
@@ -117,6 +121,16 @@ class Upgrade:
     def key(self) -> str:
         """The upgrade's key on the databases (its state row and lock)."""
         return Link.key_of(self.source.identifier)
+
+    def check_not_switched(self, source_connection) -> None:
+        """The durable switch state on the source, not the Airflow record (a watchdog may have settled a cutover
+        whose task never reported): only no switch, or an undone cutover, lets pre-cutover steps act."""
+        state = switch_state.read(source_connection, self.key)
+        if state is not None and (state.writer == "target" or state.direction != CUTOVER):
+            raise AlreadySwitchedError(
+                f"{self.source.identifier}: the switch state says {state.direction} {state.phase} "
+                f"(at {state.updated_at}); traffic and replication before cutover cannot change any more"
+            )
 
     @contextmanager
     def acting(self, halted=lambda: None, wait_seconds: float | None = None) -> Iterator:
@@ -257,6 +271,8 @@ class Upgrade:
         return self.driver().install()
 
     def build_group(self) -> dict:
+        with connected(self.endpoint(self.source), self.admin) as connection:
+            self.check_not_switched(connection)
         driver = self.driver()
         result = driver.build()
         if not driver.active_active:

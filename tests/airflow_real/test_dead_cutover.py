@@ -24,6 +24,20 @@ def switch_row(topo) -> switch_state.SwitchState | None:
         return switch_state.read(source, KEY)
 
 
+def slow_marker(topo, seconds: int) -> None:
+    """A trigger that fires in the apply worker too (ENABLE ALWAYS) and sleeps on each marker row; 0 ends a sleep
+    in progress by restarting the apply worker."""
+    with closing(topo.new_pg.connect("postgres", dbname="app")) as target, target.cursor() as cursor:
+        cursor.execute(f"CREATE OR REPLACE FUNCTION public.slow_marker() RETURNS trigger LANGUAGE plpgsql AS "
+                       f"$$ BEGIN PERFORM pg_sleep({int(seconds)}); RETURN NEW; END $$")
+        if seconds:
+            cursor.execute("CREATE TRIGGER slow_marker BEFORE INSERT ON pgactive_upgrade.cutover_marker "
+                           "FOR EACH ROW EXECUTE FUNCTION public.slow_marker()")
+            cursor.execute("ALTER TABLE pgactive_upgrade.cutover_marker ENABLE ALWAYS TRIGGER slow_marker")
+        else:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_subscription WHERE pid IS NOT NULL")
+
+
 def test_a_cutover_killed_inside_the_fence_is_undone_by_the_watchdog_and_the_rollback_is_quick(ready):
     airflow, topo = ready
     faults.add_bench_table(topo)
@@ -31,10 +45,9 @@ def test_a_cutover_killed_inside_the_fence_is_undone_by_the_watchdog_and_the_rol
             "cutover_deadline_seconds": 60}
     run_id = airflow.trigger(UPGRADE, conf)
     wait_for_state(airflow, UPGRADE, run_id, "wait_for_sync", "success", timeout=180)
-    # Harness fault: the marker cannot land on the target, so the cutover waits inside its fence (alive).
-    blocker = topo.new_pg.connect("postgres", dbname="app", autocommit=False)
-    blocker.cursor().execute("LOCK TABLE pgactive_upgrade.cutover_marker IN ACCESS EXCLUSIVE MODE")
-    assert states_of(airflow, UPGRADE, run_id).get("cutover") in (None, "scheduled", "queued"), "too late to block"
+    # Harness fault: the forward apply stalls on the marker row, so the cutover waits inside its fence (alive).
+    slow_marker(topo, seconds=120)
+    assert states_of(airflow, UPGRADE, run_id).get("cutover") in (None, "scheduled", "queued"), "too late to stall"
     ports = {"source": topo.old_pg.port, "target": topo.new_pg.port}
     try:
         with faults.WritableProbe(ports, topo.credentials["app"]) as probe:
@@ -44,12 +57,12 @@ def test_a_cutover_killed_inside_the_fence_is_undone_by_the_watchdog_and_the_rol
                 assert time.monotonic() < deadline, (seen[-5:], states_of(airflow, UPGRADE, run_id))
                 time.sleep(0.1)
             task_pid = int(row.holder.rsplit(":", 1)[1])
-            supervisor_pid = int(open(f"/proc/{task_pid}/stat").read().split()[3])
+            supervisor_pid = int(open(f"/proc/{task_pid}/stat").read().rsplit(")", 1)[1].split()[1])  # its parent
             assert not faults.writable(topo.old_pg.port, topo.credentials["app"]), "the source is fenced"
             for pid in (supervisor_pid, task_pid):
                 os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
-            blocker.rollback()
+            slow_marker(topo, seconds=0)
             while not faults.writable(topo.old_pg.port, topo.credentials["app"]):
                 assert time.monotonic() - killed < 30, (switch_row(topo), states_of(airflow, UPGRADE, run_id))
                 time.sleep(0.1)
@@ -68,7 +81,6 @@ def test_a_cutover_killed_inside_the_fence_is_undone_by_the_watchdog_and_the_rol
         assert topo.haproxy.get_weight("pg_read", "target") == 0 and topo.haproxy.get_weight("pg_write", "source") == 100
         print(f"writes resumed {resumed_s:.1f} s after the kill; rollback run took {rollback_s:.1f} s")
     finally:
-        blocker.close()
         try:
             airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}", {"state": "failed"})
         except Exception:

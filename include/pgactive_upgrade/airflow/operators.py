@@ -22,7 +22,7 @@ from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.switch_state import LockBusy
-from pgactive_upgrade.upgrade import Upgrade
+from pgactive_upgrade.upgrade import AlreadySwitchedError, Upgrade
 
 
 class UpgradeStepOperator(BaseOperator):
@@ -59,12 +59,14 @@ class ValidateRequestOperator(BaseOperator):
     def _claim(self, context, request: config.UpgradeRequest) -> None:
         """Many sources may upgrade at once, but one source only once at a time: the check and the record are made
         under the upgrade's lock on the source, so two runs triggered together cannot both pass."""
+        upgrade = upgrade_from_request(request)
         try:
-            with upgrade_from_request(request).acting(wait_seconds=CLAIM_WAIT_SECONDS):
+            with upgrade.acting(wait_seconds=CLAIM_WAIT_SECONDS) as source:
                 self._refuse_a_second_upgrade_of_the_same_source(context, request.source_identifier)
+                upgrade.check_not_switched(source)
                 state.record_step(context, request.source_identifier, self.task_id, "done")
-        except LockBusy as error:
-            raise AirflowFailException(f"source_instance: {request.source_identifier} is being acted on: {error}")
+        except (LockBusy, AlreadySwitchedError) as error:
+            raise AirflowFailException(f"source_instance: {request.source_identifier}: {error}")
 
     @staticmethod
     def _refuse_a_second_upgrade_of_the_same_source(context, source: str) -> None:
@@ -219,7 +221,8 @@ class ShiftPhaseOperator(UpgradeStepOperator):
         self.percent = percent
 
     def step(self, upgrade, context):
-        with upgrade.acting(halted_check(context, upgrade)):
+        with upgrade.acting(halted_check(context, upgrade)) as source:
+            upgrade.check_not_switched(source)
             return upgrade.shift(int(self.percent))
 
     def progress_fields(self, result):
@@ -244,7 +247,8 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
             return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes}
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
         state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
-        with upgrade.acting(halted_check(context, upgrade)):  # a rollback owns the traffic once it halted the run
+        with upgrade.acting(halted_check(context, upgrade)) as connection:  # a rollback owns the traffic once halted
+            upgrade.check_not_switched(connection)
             restored = self._restore_last_healthy(upgrade, context)
         emit("phase_failed", percent=int(self.percent), problems=problems, restored=restored)
         raise AirflowFailException(
@@ -257,7 +261,8 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
     def _hold_phase_split(self, upgrade: Upgrade, context) -> None:
         """A check cleared after a failure runs again at its own phase's split, not at the one it restored."""
-        with upgrade.acting(halted_check(context, upgrade)):
+        with upgrade.acting(halted_check(context, upgrade)) as source:
+            upgrade.check_not_switched(source)
             upgrade.shift(int(self.percent))
 
     @staticmethod
@@ -287,11 +292,26 @@ class CutoverOperator(UpgradeStepOperator):
         if record.get("detached"):
             emit("cutover_skipped", reason="the old node is already detached: the cutover is done")
             return {"already_done": True, "detached": record["detached"]}
+        self._refuse_unwatched(context)
         token = f"{context['run_id']}#{context['ti'].try_number}"
         return upgrade.cutover(token, halted=lambda: state.check_not_halted(context, upgrade.request.source_identifier))
 
     def progress_fields(self, result):
         return {"phase": "cutover", "percent": 100, "split": result.get("split"), "cut_over": progress.now()}
+
+    @staticmethod
+    def _refuse_unwatched(context) -> None:
+        """A cutover whose process dies must be settled by the watchdog: cleared alone, it would run unwatched."""
+        if under_dag_test(context):
+            return
+        ti = context["ti"]
+        watching = ti.get_ti_count(dag_id=ti.dag_id, run_ids=[context["run_id"]], task_ids=[WATCHDOG_TASK_ID],
+                                   states=["scheduled", "queued", "running", "deferred", "up_for_reschedule"])
+        if not watching:
+            raise AirflowFailException(
+                f"{WATCHDOG_TASK_ID} is not watching: clear it together with cutover (select both, or clear "
+                "cutover with its upstream's downstream), so a process that dies mid-switch is settled at once"
+            )
 
 
 class VerifyOperator(UpgradeStepOperator):
@@ -306,17 +326,29 @@ class CutoverWatchdogOperator(BaseOperator):
 
     ui_color = "#fdf3e8"
 
-    def __init__(self, *, cutover_task_id: str = "cutover", poll_interval: float = 1.0, **kwargs):
+    def __init__(self, *, cutover_task_id: str = "cutover", poll_interval: float = 1.0,
+                 upgrade_from_record: bool = False, **kwargs):
+        """upgrade_from_record: in the rollback DAG, whose conf names only the source, the upgrade's own conf."""
         super().__init__(**kwargs)
         self.cutover_task_id = cutover_task_id
         self.poll_interval = poll_interval
+        self.upgrade_from_record = upgrade_from_record
+
+    def _upgrade(self, context) -> Upgrade:
+        if not self.upgrade_from_record:
+            return upgrade_from(context)
+        ask = config.validate_rollback(dict(context["dag_run"].conf or {}))
+        record = state.read(progress.record_key(ask.source_identifier))
+        if not record:
+            raise AirflowFailException(f"source_instance: no upgrade of {ask.source_identifier!r} is recorded here")
+        return upgrade_from_conf(record["conf"])
 
     def execute(self, context) -> dict | None:
-        if getattr(context["dag_run"], "triggering_user_name", None) == DAG_TEST_USER:
+        if under_dag_test(context):
             # dag.test() runs one task at a time (a deferred one inline): nothing runs beside it to watch.
             emit("watchdog_not_started", reason="dag.test runs one task at a time")
             return {"status": "not watched: dag.test"}
-        upgrade = upgrade_from(context)
+        upgrade = self._upgrade(context)
         request = upgrade.request
         self.defer(
             trigger=SwitchWatchdogTrigger(
@@ -336,13 +368,19 @@ class CutoverWatchdogOperator(BaseOperator):
     def execute_complete(self, context, event: dict[str, Any]) -> dict:
         if event.get("status") != "abandoned":
             return event
-        upgrade = upgrade_from(context)
+        upgrade = self._upgrade(context)
         try:
             result = upgrade.recover_switch(token=f"watchdog:{context['run_id']}")
         except LockBusy:
             emit("watchdog_stood_down", reason="a live process took the switch over")
             return {**event, "recovered": False}
         emit("switch_recovered", by="watchdog", before=result["before"], after=result["after"])
+        after = result["after"] or {}
+        writer = "target" if after.get("direction") == "cutover" and after.get("phase") == "done" else "source"
+        fields = {"writer": writer, "switch": after}
+        if writer == "target":  # the cutover task never reported it: later runs and the rollback must know
+            fields["cut_over"] = progress.now()
+        state.merge(progress.record_key(upgrade.request.source_identifier), fields)
         return {**event, "recovered": True, **result}
 
 
@@ -387,6 +425,7 @@ class RollbackOperator(BaseOperator):
         )
         state.write(progress.halt_key(ask.source_identifier), halt)
         emit("rollback_requested", upgrade_run=record["run_id"], by=requested_by, reason=ask.reason, step=record.get("step"))
+        record = state.read(key) or record  # read again after the halt: a step may have ended (or begun) meanwhile
         early = record.get("step") not in CUTOVER_OR_LATER and early_switch_to_source(request.traffic)
         upgrade = upgrade_from_conf(record["conf"])
         try:
@@ -394,7 +433,8 @@ class RollbackOperator(BaseOperator):
             # one left the lock free and its unfinished switch is settled before anything else.
             result = upgrade.rollback(token=f"rollback:{context['run_id']}#{context['ti'].try_number}")
         except LockBusy as error:
-            raise AirflowFailException(f"the rollback changed nothing but the halt flag: {error}") from error
+            moved = "; every route was already sent back to the source" if early else ""
+            raise AirflowFailException(f"the rollback set the halt flag{moved}, and then: {error}") from error
         state.merge(key, {"state": "rolled_back", "rollback": halt, "split": result["split"], "writer": "source"})
         emit("rolled_back", upgrade_run=record["run_id"], total_ms=result["total_ms"], after_cutover=result["after_cutover"])
         return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason,
@@ -402,6 +442,11 @@ class RollbackOperator(BaseOperator):
 
 
 DAG_TEST_USER = "dag_test"  # the triggering user dag.test() records on its runs
+WATCHDOG_TASK_ID = "cutover_watchdog"
+
+
+def under_dag_test(context) -> bool:
+    return getattr(context["dag_run"], "triggering_user_name", None) == DAG_TEST_USER
 CUTOVER_OR_LATER = ("cutover", "verify", "detach_old_node", "decommission_source")
 CLAIM_WAIT_SECONDS = 15
 
