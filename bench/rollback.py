@@ -335,7 +335,7 @@ def timeline(airflow: LocalAirflow, run: Run, asked_wall: float, rollback_run: d
     }
     offsets = {name: wall_offset(asked_wall, stamp) for name, stamp in points.items()}
     if offsets["halt_written"] is not None and offsets["rolled_back"] is not None and run.rollback_total_ms is not None:
-        # between the halt and Rollback.run(): _wait_for_running_steps and building the Upgrade
+        # between the halt and Rollback.run(): building the Upgrade and taking the lock on the source
         offsets["wait_and_build"] = round(offsets["rolled_back"] - run.rollback_total_ms / 1000 - offsets["halt_written"], 3)
     offsets["phase_check_state"] = check.get("state")
     return offsets

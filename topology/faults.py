@@ -140,7 +140,7 @@ def run_case(topo, conf: dict, upgrade, action: str, kill_at: str, recovery: str
             upgrade.cutover("before-rollback")
             time.sleep(settle_s)
         spec = child_spec(topo, conf, action, kill_at, f"{action}-killed")
-        killed_at = time.monotonic()
+        started = time.monotonic()
         code = run_child(spec)
         killed = code == -signal.SIGKILL
         if not killed:
@@ -154,13 +154,11 @@ def run_case(topo, conf: dict, upgrade, action: str, kill_at: str, recovery: str
                 (upgrade.rollback if action == "rollback" else upgrade.cutover)(f"{action}-again")
             except Exception as error:  # a cleared task that refuses is an outcome too
                 notes.append(f"re-run: {type(error).__name__}: {str(error)[:160]}")
+        recovered = time.monotonic()
         time.sleep(settle_s)
     logs = load.stop()
     acked_times = sorted(t for r in logs.values() for _, t, status in r["log"] if status == OK)
-    after_kill = [t for t in acked_times if t > killed_at]
-    before_kill = [t for t in acked_times if t <= killed_at]
-    last_before = before_kill[-1] if before_kill else killed_at
-    outage = round((after_kill[0] - last_before), 2) if after_kill else float("inf")
+    outage = longest_gap(acked_times, started, recovered)
     writers = [name for name, port in ports.items() if writable(port, topo.credentials[APP_ROLE])]
     writer = writers[0] if len(writers) == 1 else None
     if len(writers) != 1:
@@ -176,6 +174,17 @@ def run_case(topo, conf: dict, upgrade, action: str, kill_at: str, recovery: str
         lost = sum(1 for key in acked if key not in counts)
         duplicated = sum(1 for n in counts.values() if n > 1)
     return Outcome(action, kill_at, recovery, killed, writer, lost, duplicated, probe.overlaps(), outage, len(acked), notes)
+
+
+def longest_gap(times: list[float], start: float, end: float) -> float:
+    """The longest time without an acknowledged commit from the switch's start until the recovery ended: the
+    fence, the death, the recovery. Infinite when writes never came back."""
+    inside = [t for t in times if start <= t]
+    if not inside or inside[-1] < end:
+        return float("inf")
+    before = [t for t in times if t < start]
+    points = ([before[-1]] if before else []) + [t for t in inside if t <= end] + [next(t for t in inside if t >= end)]
+    return round(max(b - a for a, b in zip(points, points[1:])), 3)
 
 
 def _child() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 
@@ -97,6 +98,32 @@ def test_failed_health_check_returns_to_the_last_healthy_split_and_stops(ready):
     assert topo.haproxy.get_weight("pg_write", "target") == 0
     log = str(airflow.task_log(UPGRADE, run_id, "traffic_phase.health_check", 1, map_index=1))
     assert "health_probes[0]" in log and "traffic restored to" in log
+
+    # Fixed, then "clear only failed": the check runs again at its own phase's split, not the restored one.
+    with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        cursor.execute("DROP TABLE public.fail_probe")
+    airflow.api("POST", f"dags/{UPGRADE}/clearTaskInstances",
+                {"dag_run_id": run_id, "only_failed": True, "dry_run": False})
+    wait_for_state(airflow, UPGRADE, run_id, "traffic_phase.health_check[1]", "success", timeout=120)
+    again = str(airflow.task_log(UPGRADE, run_id, "traffic_phase.health_check", 2, map_index=1))
+    assert re.search(r"phase_shifted.{0,200}pg_read\W+40", again), again[-2000:]
+    airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}", {"state": "failed"})
+
+
+def test_two_runs_of_one_source_triggered_together_only_one_claims_it(ready):
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [], "decommission": "keep"}
+    runs = [airflow.trigger(UPGRADE, conf) for _ in range(2)]
+    outcomes = []
+    for run_id in runs:
+        deadline = time.monotonic() + 120
+        while states_of(airflow, UPGRADE, run_id).get("validate_request") not in ("success", "failed"):
+            assert time.monotonic() < deadline, states_of(airflow, UPGRADE, run_id)
+            time.sleep(0.2)
+        outcomes.append(states_of(airflow, UPGRADE, run_id)["validate_request"])
+    for run_id in runs:
+        airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}", {"state": "failed"})
+    assert sorted(outcomes) == ["failed", "success"], outcomes
 
 
 def test_rollback_mid_phase_halts_the_upgrade_and_returns_traffic_in_seconds(ready):
