@@ -105,10 +105,14 @@ def handwritten_cutover(topo: Topology, marker_seq: int, reverse_slot: bool = Fa
         with source.cursor() as s, target.cursor() as t:
             # The same fence as the package's: no login, sessions ended and waited for, then proven gone.
             s.execute(f"ALTER ROLE {APP_ROLE} NOLOGIN")
-            s.execute("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE datname = %s "
+            s.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s "
                       "AND usename = %s", (DATABASE, APP_ROLE))
-            s.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename = %s", (DATABASE, APP_ROLE))
-            assert s.fetchone()[0] == 0
+            while True:  # until every ended backend has exited
+                s.execute("SELECT pg_stat_clear_snapshot(); SELECT count(*) FROM pg_stat_activity "
+                          "WHERE datname = %s AND usename = %s", (DATABASE, APP_ROLE))
+                if s.fetchone()[0] == 0:
+                    break
+                time.sleep(poll_seconds)
             step("fence")
             s.execute(INSERT, (MARKER_CLIENT, marker_seq))
             step("marker_written")

@@ -43,6 +43,7 @@ class FencedSwitch:
     halted: Callable[[], None] = lambda: None  # raises when a rollback asked the upgrade to stop
     poll_seconds: float = 0.001
     timings_ms: dict = field(default_factory=dict)
+    switched_at: float = 0.0
 
     # --- connections and the lock ----------------------------------------------------------------
     def _connect(self, endpoint: Endpoint):
@@ -134,6 +135,7 @@ class FencedSwitch:
             # Before the switch: a session opened on a read-only database keeps its read-only default.
             self._step("target_unfenced", fencing.reset_read_only, target, self.target.dbname, self.roles)
             self._step("switched", self.controller.switch, 100, "source")
+            self.switched_at = time.monotonic()
             self._advance(source, state, "switched")
             self._step("reverse_started", self.driver.after_switch)
             self._advance(source, state, "done", mirror=target)
@@ -237,13 +239,14 @@ class Cutover(FencedSwitch):
                     f"the switch was sent, so the cutover goes forward, but it did not finish: {error}. The source stays "
                     "fenced; clearing this task (or the watchdog, or the rollback DAG) finishes it"
                 ) from error
-            unavailable_ms = ms_since(started)
+            unavailable_ms = round((self.switched_at - started) * 1000, 1)  # writes go to the target from here
+            total_ms = ms_since(started)
         split = self.controller.read_split()
         if any(percent != 100 for percent in split.values()):
             raise CutoverError(f"traffic switched but the split reads back as {split}; set it to 100 % by hand")
         result = {
             "write_unavailable_ms": unavailable_ms,
-            "total_ms": unavailable_ms,
+            "total_ms": total_ms,
             "sessions_ended": ended,
             "sequences_moved": len(moved),
             "roles_fenced": self.roles,
