@@ -225,6 +225,27 @@ class LocalAirflow:
                 log.info("SIGKILL %s (%s) after %s", pid, _cmdline(pid), reason)
             _kill(pid, sig)
 
+    def kill(self, component: str) -> list[int]:
+        """SIGKILL a component and everything in its session (for the scheduler: the running tasks too), as a
+        crashed host would; returns the pids killed."""
+        pid = self._read_pid(component)
+
+        def in_session() -> list[int]:
+            return [p for p in _all_pids() if (stat := _proc_stat(p)) and stat.state != "Z" and stat.session == pid]
+
+        victims = in_session() if pid else []
+        self._signal_each(victims, signal.SIGKILL, f"{component} killed on purpose")
+        _wait_until(lambda: not in_session(), 10)
+        self._reap_children()
+        return victims
+
+    def restart(self, *components: str, timeout: float = 60) -> None:
+        """Start components again (after kill) and wait until all are alive and the api-server says healthy."""
+        since = datetime.now(timezone.utc)
+        for component in components:
+            self._spawn(component)
+        self._wait_healthy(timeout, since=since)
+
     def processes(self) -> list[int]:
         """Live processes of this instance: the components and everything they started."""
         sessions = {pid for c in COMPONENTS if (pid := self._read_pid(c))}

@@ -85,3 +85,29 @@ def test_a_cutover_killed_inside_the_fence_is_undone_by_the_watchdog_and_the_rol
             airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}", {"state": "failed"})
         except Exception:
             pass
+
+
+def test_scheduler_and_triggerer_killed_while_the_upgrade_waits_and_the_run_completes(ready):
+    """Deferred waits live in the metadata database: SIGKILL the scheduler and the triggerer during wait_for_sync,
+    and the triggerer alone during a phase gate; restarted, they pick the waits up and the run completes."""
+    airflow, topo = ready
+    faults.add_bench_table(topo)
+    conf = {**demo_conf(topo), "shift_percentages": [30, 60], "phase_settle_seconds": 8, "decommission": "keep",
+            "lag_threshold_bytes": 1024}
+    load = faults.Load(faults.app_dsn(topo), clients=2, rate_per_client=150, max_seconds=300)
+    load.start()  # keeps the lag above the threshold, so wait_for_sync defers
+    try:
+        run_id = airflow.trigger(UPGRADE, conf)
+        wait_for_state(airflow, UPGRADE, run_id, "wait_for_sync", "deferred", timeout=180)
+        for component in ("scheduler", "triggerer"):
+            assert airflow.kill(component)
+        time.sleep(3)
+        airflow.restart("scheduler", "triggerer")
+    finally:
+        load.stop()
+    wait_for_state(airflow, UPGRADE, run_id, "traffic_phase.wait_for_previous_phase[1]", "deferred", timeout=180)
+    assert airflow.kill("triggerer")
+    time.sleep(2)
+    airflow.restart("triggerer")
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=300) == "success", states_of(airflow, UPGRADE, run_id)
+    assert topo.port_behind(topo.haproxy.write_port) == topo.new_pg.port
