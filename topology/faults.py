@@ -160,19 +160,20 @@ def run_case(topo, conf: dict, upgrade, action: str, kill_at: str, recovery: str
     acked_times = sorted(t for r in logs.values() for _, t, status in r["log"] if status == OK)
     outage = longest_gap(acked_times, started, recovered)
     writers = [name for name, port in ports.items() if writable(port, topo.credentials[APP_ROLE])]
-    writer = writers[0] if len(writers) == 1 else None
-    if len(writers) != 1:
+    # One-way replication: exactly one writable node. Active-active (pgactive): both while they replicate.
+    writer = writers[0] if len(writers) == 1 else ("both" if len(writers) == 2 and upgrade.driver().active_active else None)
+    if writer is None:
         notes.append(f"writable nodes at the end: {writers}")
-    lost = duplicated = 0
     acked = {(c, seq) for c, r in logs.items() for seq, _, status in r["log"] if status == OK}
-    if writer:
-        server = topo.old_pg if writer == "source" else topo.new_pg
+    lost = duplicated = 0
+    for name in writers if writer else []:  # every acknowledged commit on each node that takes writes
+        server = topo.old_pg if name == "source" else topo.new_pg
         with server.connect("postgres", dbname=DATABASE) as connection, connection.cursor() as cursor:
             cursor.execute("SELECT client, seq, count(*) FROM public.bench_log WHERE client >= 0 GROUP BY 1, 2")
             counts = {(c, s): n for c, s, n in cursor.fetchall()}
         connection.close()
-        lost = sum(1 for key in acked if key not in counts)
-        duplicated = sum(1 for n in counts.values() if n > 1)
+        lost = max(lost, sum(1 for key in acked if key not in counts))
+        duplicated = max(duplicated, sum(1 for n in counts.values() if n > 1))
     return Outcome(action, kill_at, recovery, killed, writer, lost, duplicated, probe.overlaps(), outage, len(acked), notes)
 
 
