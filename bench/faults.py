@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one recovery per kill point instead of all three")
     parser.add_argument("--keep-up", action="store_true", help="leave the bench topology running")
+    parser.add_argument("--kill-at", nargs="+", default=None, help="only these kill points")
     parser.add_argument("--driver", choices=("native", "pgactive"), default="native",
                         help="pgactive: PGU_OLD_PG_BIN / PGU_NEW_PG_BIN must name pgactive-enabled bin dirs")
     args = parser.parse_args(argv)
@@ -84,7 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.driver == "pgactive" and not (topo.old_pg.pgactive and topo.new_pg.pgactive):
             raise SystemExit("--driver pgactive: the servers have no pgactive; set PGU_OLD_PG_BIN and PGU_NEW_PG_BIN")
         for action, point, recovery in cases(args.quick, args.driver):
-            conf, upgrade = replicating(topo)
+            if args.kill_at and point not in args.kill_at:
+                continue
+            try:
+                conf, upgrade = replicating(topo)
+            except Exception as error:  # pgactive's workers can outlive a dropped database: restart the servers
+                print(f"setup failed ({type(error).__name__}: {str(error)[:120]}); restarting the servers", flush=True)
+                for server in (topo.old_pg, topo.new_pg):
+                    server.stop()
+                    server.ensure_running()
+                conf, upgrade = replicating(topo)
             outcome = faults.run_case(topo, conf, upgrade, action, point, recovery)
             results.append(outcome.as_dict())
             print(f"{action:8} killed at {point:17} then {recovery:8}: writer={outcome.writer} lost={outcome.lost} "
