@@ -309,8 +309,8 @@ class CutoverOperator(UpgradeStepOperator):
                                    states=["scheduled", "queued", "running", "deferred", "up_for_reschedule"])
         if not watching:
             raise AirflowFailException(
-                f"{WATCHDOG_TASK_ID} is not watching: clear it together with cutover (select both, or clear "
-                "cutover with its upstream's downstream), so a process that dies mid-switch is settled at once"
+                f"{WATCHDOG_TASK_ID} is not watching: clear it together with cutover (select both in the UI, or "
+                "task_ids [cutover, cutover_watchdog] in clearTaskInstances), so a death mid-switch is settled at once"
             )
 
 
