@@ -107,12 +107,13 @@ def test_failed_health_check_returns_to_the_last_healthy_split_and_stops(ready):
     wait_for_state(airflow, UPGRADE, run_id, "traffic_phase.health_check[1]", "success", timeout=120)
     again = str(airflow.task_log(UPGRADE, run_id, "traffic_phase.health_check", 2, map_index=1))
     assert re.search(r"phase_shifted.{0,200}pg_read\W+40", again), again[-2000:]
-    airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}", {"state": "failed"})
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=300) == "success", states_of(airflow, UPGRADE, run_id)
 
 
 def test_two_runs_of_one_source_triggered_together_only_one_claims_it(ready):
     airflow, topo = ready
-    conf = {**demo_conf(topo), "shift_percentages": [], "decommission": "keep"}
+    # A target version preflight refuses: the run that claims the source stops right after, changing nothing.
+    conf = {**demo_conf(topo), "shift_percentages": [], "decommission": "keep", "target_engine_version": "15.9"}
     runs = [airflow.trigger(UPGRADE, conf) for _ in range(2)]
     outcomes = []
     for run_id in runs:
@@ -121,9 +122,9 @@ def test_two_runs_of_one_source_triggered_together_only_one_claims_it(ready):
             assert time.monotonic() < deadline, states_of(airflow, UPGRADE, run_id)
             time.sleep(0.2)
         outcomes.append(states_of(airflow, UPGRADE, run_id)["validate_request"])
-    for run_id in runs:
-        airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}", {"state": "failed"})
     assert sorted(outcomes) == ["failed", "success"], outcomes
+    for run_id in runs:
+        assert airflow.wait_for_run(UPGRADE, run_id, timeout=120) == "failed"
 
 
 def test_rollback_mid_phase_halts_the_upgrade_and_returns_traffic_in_seconds(ready):
