@@ -167,10 +167,8 @@ class FencedSwitch:
     def _forward_rollback(self, source, state: SwitchState, target=None) -> None:
         self._step("source_unfenced", fencing.unfence, source)
         self._step("switched", self.controller.switch, 0, "target")
-        self._advance(source, state, "done")
-        if target is not None:
-            switch_state.write(target, self.key, state)
-        else:
+        self._advance(source, state, "done", mirror=target)
+        if target is None:
             self._mirror_when_reachable(state)
 
     def _undo_rollback(self, source, state: SwitchState, target=None) -> None:

@@ -99,26 +99,29 @@ def fence(connection, dbname: str, roles: list[str], wait_seconds: float = 5.0) 
 def end_sessions(connection, dbname: str, roles: list[str], wait_seconds: float = 5.0,
                  poll_seconds: float = 0.001) -> int:
     """End the roles' sessions in dbname and wait until every one of those backends has exited (its transaction
-    rolled back); returns how many were ended. All are signalled at once, then watched: pg_terminate_backend's own
-    wait sleeps 100 ms per backend, which a fence with hundreds of sessions cannot afford."""
-    ended = query(connection, "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                              "WHERE datname = %s AND usename = ANY(%s) AND pid <> pg_backend_pid()",
-                  (dbname, roles))[0][0]
+    rolled back); returns how many were ended. Each round signals every session still there, a late login too, in
+    one round trip (pg_terminate_backend's own wait sleeps 100 ms per backend, which a fence with hundreds of
+    sessions cannot afford); it ends when none is left, or at the deadline."""
+    ended: set[int] = set()
     deadline = time.monotonic() + wait_seconds
-    while ended and sessions_of(connection, dbname, roles) and time.monotonic() < deadline:
+    while True:
+        left = [row[0] for row in query(
+            connection,
+            # In the select list, not the WHERE clause: only rows that passed every filter are signalled.
+            "SELECT pg_stat_clear_snapshot(); SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND usename = ANY(%s) AND pid <> pg_backend_pid()",
+            (dbname, roles),
+        )]
+        ended.update(left)
+        if not left or time.monotonic() > deadline:
+            return len(ended)
         time.sleep(poll_seconds)
-    return ended
 
 
 def _prove_fenced(connection, dbname: str, roles: list[str], wait_seconds: float) -> None:
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        left = sessions_of(connection, dbname, roles)
-        if not left:
-            break
-        if time.monotonic() > deadline:
-            raise FenceError(f"sessions of fenced roles still open after {wait_seconds} s: {left[:10]}")
-        end_sessions(connection, dbname, roles, wait_seconds)
+    left = sessions_of(connection, dbname, roles)
+    if left:
+        raise FenceError(f"sessions of fenced roles still open after {wait_seconds} s: {left[:10]}")
     can_login = [row[0] for row in query(
         connection, "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) AND rolcanlogin", (roles,))]
     if can_login:
