@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import threading
 import time
 
 import psycopg2
+from psycopg2 import sql
 
 OK, IN_DOUBT = "ok", "in_doubt"
 BENCH_TABLE_DDL = """
@@ -132,3 +134,57 @@ class Load:
         if len(results) < len(self.processes):
             raise RuntimeError(f"only {len(results)} of {len(self.processes)} load clients reported their commit log")
         return results
+
+
+class Churn:
+    """Updates, inserts and deletes on existing tables at a steady rate from one thread (reconnecting after any
+    error): a busy database for verification. One row (the hot row) is updated by every operation."""
+
+    def __init__(self, dsn: str, rate: float = 300, table: str = "public.orders", hot_id: int = 1):
+        self.dsn, self.rate, self.table, self.hot_id = dsn, rate, table, hot_id
+        self.committed = self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "Churn":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        schema, name = self.table.split(".")
+        table = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+        hot = (sql.SQL("UPDATE {} SET amount = amount + 1, note = clock_timestamp()::text WHERE id = %s").format(table),
+               (self.hot_id,))
+        others = [
+            (sql.SQL("UPDATE {} SET amount = amount + 1 WHERE id = (SELECT max(id) - (random() * 1000)::int FROM {})")
+             .format(table, table), None),
+            (sql.SQL("INSERT INTO {} (account_id, amount, note) SELECT account_id, 1, 'churn' FROM {} WHERE id = %s")
+             .format(table, table), (self.hot_id,)),
+            (sql.SQL("DELETE FROM {} WHERE id = (SELECT min(id) FROM {} WHERE note = 'churn')").format(table, table), None),
+        ]
+        connection, step, next_at = None, 0, time.monotonic()
+        while not self._stop.is_set():
+            next_at = max(next_at + 1.0 / self.rate, time.monotonic() - 0.05)
+            pause = next_at - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            try:
+                if connection is None:
+                    connection = psycopg2.connect(self.dsn, connect_timeout=3)
+                with connection.cursor() as cursor:
+                    for statement, params in (hot, others[step % len(others)]):
+                        cursor.execute(statement, params)
+                connection.commit()
+                self.committed += 1
+            except psycopg2.Error:
+                self.errors += 1
+                connection = _drop(connection)
+            step += 1
+        _drop(connection)

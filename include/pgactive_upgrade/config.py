@@ -203,6 +203,13 @@ FIELDS: dict[str, dict] = {
         "Probe latency budget (ms)",
         "Connecting to the new instance and each probe query must finish within this many milliseconds.",
     ),
+    "verify_parallelism": _field(
+        {"type": "integer", "minimum": 1, "maximum": 16},
+        4,
+        "Verify parallelism",
+        "Chunk digests run at once on each node during verification (before and after cutover); each holds one "
+        "connection per node.",
+    ),
     "lag_threshold_bytes": _field(
         {"type": "integer", "minimum": 0, "maximum": 1 << 40},
         1 << 20,
@@ -220,6 +227,13 @@ FIELDS: dict[str, dict] = {
         60,
         "Cutover deadline (s)",
         "The cutover undoes itself if the traffic switch is not reached within this time.",
+    ),
+    "max_open_transaction_seconds": _field(
+        {"type": "integer", "minimum": 1, "maximum": 86400},
+        300,
+        "Longest open transaction (s)",
+        "Preflight stops the run while a source transaction with writes has been open longer than this: "
+        "replication slot creation and the initial copy wait for it.",
     ),
     "application_roles": _field(
         {"type": "array", "items": {"type": "string", "pattern": IDENTIFIER}, "uniqueItems": True},
@@ -336,10 +350,12 @@ class UpgradeRequest:
     shift_mode: str = "percent"
     health_probes: tuple[str, ...] = ()
     probe_budget_ms: int = 1000
+    verify_parallelism: int = 4
     phase_settle_seconds: int = 60
     lag_threshold_bytes: int = 1 << 20
     lag_escalation_minutes: int = 15
     cutover_deadline_seconds: int = 60
+    max_open_transaction_seconds: int = 300
     application_roles: tuple[str, ...] = ()
     traffic: dict = field(default_factory=lambda: dict(DEFAULT_TRAFFIC))
     allow_source_reboot: bool = False

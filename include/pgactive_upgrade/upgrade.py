@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
-from pgactive_upgrade import catalog, fencing, rds, sequences, switch_state, verify
+from pgactive_upgrade import catalog, fencing, matviews, preflight, rds, sequences, switch_state, verify
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication import Lag, Link, Node, ReplicationDriver, driver_for
+from pgactive_upgrade.replication import DRIVERS, Lag, Link, Node, ReplicationDriver, driver_for
 from pgactive_upgrade.rollback import Rollback
 from pgactive_upgrade.switch_state import CUTOVER, DETACH, SwitchState
 from pgactive_upgrade.tools import find_program
@@ -144,77 +144,87 @@ class Upgrade:
 
     # --- steps ---------------------------------------------------------------------------------
     def preflight(self) -> dict:
-        """Everything that can be checked before anything changes; raises PreflightError naming each problem."""
-        problems = []
+        """Everything that can be checked before anything changes (see preflight.py): raises PreflightError naming
+        each blocking problem; warnings are carried in the result, each naming the step that handles it."""
         source = self.source
-        if source.major >= self.request.target_major:
-            problems.append(
-                f"target_engine_version: {self.request.target_engine_version} is not a newer major than the source's {source.engine_version}"
-            )
-        with connected(self.endpoint(source), self.admin) as connection:
-            tables = catalog.tables(connection, self.request.filters)
-            problems += self._table_problems(tables)
-            problems += self._replication_role_problems(connection)
-            wal_level = query(connection, "SHOW wal_level")[0][0]
-            roles = self.application_roles(connection)
-            problems += [f"application_roles: {problem}" for problem in fencing.fenceability_problems(connection, roles)]
+        plan = self.source_parameter_plan()
+        with connected(self.endpoint(source), self.admin) as connection, self._target_connection() as target:
+            context = self._preflight_context(connection, target, plan)
+            findings = preflight.run(preflight.checks_for(context), context)
+        findings += self._tool_findings() + self._parameter_findings()
+        split = self._read_split(findings)
+        problems = [f.message for f in findings if f.blocks]
+        if problems:
+            raise PreflightError("preflight failed: " + "; ".join(problems))
+        warnings = [f.as_dict() for f in findings if not f.blocks]
+        result = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(context.tables),
+                  "application_roles": context.application_roles, "split": split,
+                  "source_needs_reboot": plan.needs_reboot, "warnings": warnings}
+        emit("preflight_passed", **{**result, "warnings": len(warnings)})
+        for warning in warnings:
+            emit("preflight_warning", **warning)
+        return result
+
+    def _preflight_context(self, source, target, plan: rds.SourcePlan | None) -> preflight.Context:
+        return preflight.Context(
+            source=source, request=self.request, tables=catalog.tables(source, self.request.filters),
+            source_info=self.source, replication_user=self.replication.user,
+            application_roles=self.application_roles(source), plan=plan, target=target, target_id=self.target_id,
+        )
+
+    @contextmanager
+    def _target_connection(self) -> Iterator:
+        """The target's admin connection when the target exists and answers, else None (before provisioning)."""
+        info = rds.describe_instance(self.rds_client, self.target_id)
+        try:
+            connection = connect(self.endpoint(info), self.admin, connect_timeout=5) if info else None
+        except Exception:
+            connection = None
+        try:
+            yield connection
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def _tool_findings(self) -> list[preflight.Finding]:
         try:
             find_program("pg_dump", self.request.target_major)
         except Exception as error:
-            problems.append(str(error))
-        if self.request.decommission == "delete" and source.deletion_protection:
-            problems.append(f"decommission: 'delete' but {source.identifier} has deletion protection; turn it off "
-                            "deliberately or use 'keep'")
-        plan = self.source_parameter_plan()
-        if wal_level != "logical" and not plan.changes and not plan.needs_reboot:
-            problems.append(f"{source.identifier}: wal_level is '{wal_level}' although its parameter group enables "
-                            "logical replication; check the instance's parameters")
-        if plan.needs_reboot and not self.request.allow_source_reboot:
-            problems.append(
-                f"allow_source_reboot: the source needs {plan.changes or 'its pending parameters'} applied with a reboot "
-                f"(a brief outage); set allow_source_reboot to true to allow it"
-            )
-        split = self._read_split(problems)
-        if problems:
-            raise PreflightError("preflight failed: " + "; ".join(problems))
-        result = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(tables),
-                  "application_roles": roles, "split": split, "source_needs_reboot": plan.needs_reboot}
-        emit("preflight_passed", **result)
-        return result
-
-    def _table_problems(self, tables: list[catalog.Table]) -> list[str]:
-        if not tables:
-            return ["include_schemas/include_tables: the filters select no table on the source"]
-        missing = [t.qualified_name for t in self.request.filters.include_tables
-                   if t not in {x.qualified_name for x in tables}] if self.request.filters.include_tables else []
-        problems = [f"include_tables: not found on the source: {missing}"] if missing else []
-        no_pk = [t.qualified_name for t in tables if not t.primary_key]
-        if no_pk:
-            problems.append(
-                f"tables without a primary key cannot be replicated safely: {', '.join(no_pk)} "
-                "(add a primary key or leave them out with exclude_tables / exclude_schemas)"
-            )
-        return problems
-
-    def _replication_role_problems(self, connection) -> list[str]:
-        rows = query(
-            connection,
-            "SELECT r.rolreplication OR EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
-            "WHERE m.member = r.oid AND g.rolname = 'rds_replication') FROM pg_roles r WHERE r.rolname = %s",
-            (self.replication.user,),
-        )
-        if not rows:
-            return [f"replication_conn_id: role {self.replication.user!r} does not exist on the source"]
-        if not rows[0][0]:
-            return [f"replication_conn_id: role {self.replication.user!r} lacks REPLICATION (or rds_replication)"]
+            return [preflight.block("pg_dump", str(error))]
         return []
 
-    def _read_split(self, problems: list[str]) -> dict:
+    def _parameter_findings(self) -> list[preflight.Finding]:
+        """The target's group gets the driver's parameters only: name the source's other custom ones."""
+        handled = rds.pgactive_parameters(self.request.replication_driver)
+        source = {k: v for k, v in rds.custom_parameters(self.rds_client, self.source.parameter_group).items()
+                  if k not in handled}
+        target = rds.custom_parameters(self.rds_client, self.parameter_group) or handled
+        return preflight.parameter_differences(source, target, self.parameter_group)
+
+    def check_target(self) -> None:
+        """The preflight checks that need the target (extensions, database locale, roles, capacity), once it answers."""
+        with connected(self.endpoint(self.source), self.admin) as source, connected(
+            self.endpoint(self.target()), self.admin
+        ) as target:
+            context = self._preflight_context(source, target, plan=None)
+            problems = [f.message for f in preflight.run(preflight.TARGET_CHECKS, context) if f.blocks]
+        if problems:
+            raise PreflightError(f"{self.target_id}: " + "; ".join(problems))
+
+    def _read_split(self, findings: list[preflight.Finding]) -> dict:
         try:
             return self.controller().read_split()
         except Exception as error:
-            problems.append(f"traffic: cannot read the current split: {error}")
+            findings.append(preflight.block("traffic", f"traffic: cannot read the current split: {error}"))
             return {}
+
+    def refresh_materialized_views(self) -> dict:
+        """Materialized views arrive empty on the target: refresh each there (after the initial sync, before reads
+        move). Idempotent."""
+        with connected(self.endpoint(self.target()), self.admin) as target:
+            refreshed = matviews.refresh_all(target, self.request.filters)
+        emit("materialized_views_refreshed", count=len(refreshed), views=refreshed)
+        return {"refreshed": refreshed}
 
     def provision_target(self) -> dict:
         family = rds.parameter_group_family(self.request.target_engine_version)
@@ -265,6 +275,7 @@ class Upgrade:
             major = server_major(connection)
         if major != self.request.target_major:
             raise PreflightError(f"{self.target_id}: server answers as PostgreSQL {major}, expected {self.request.target_major}")
+        self.check_target()
         with connected(self.endpoint(self.source), self.admin) as connection:  # before any replication is set up
             switch_state.ensure_table(connection)
             fencing.ensure_record_table(connection)
@@ -392,23 +403,37 @@ class Upgrade:
             "key": self.key,
         }
 
-    def verify(self, attempts: int = 10, pause: float = 1.0) -> dict:
-        """Rows and sequences equal on both sides; retried briefly while the reverse replication catches up."""
-        tables = self.tables()
-        for attempt in range(1, attempts + 1):
-            with connected(self.endpoint(self.source), self.admin) as source, connected(
-                self.endpoint(self.target()), self.admin
-            ) as target:
-                digests, differences = verify.compare(source, target, tables)
-                seqs = catalog.sequences(source, self.request.filters)
-                behind = sequences.differences(source, target, seqs)
-            if not differences and not behind:
-                rows = sum(d.rows for d in digests.values())
-                emit("verified", tables=len(digests), rows=rows, sequences=len(seqs), attempt=attempt)
-                return {"tables": len(digests), "rows": rows, "sequences": len(seqs),
-                        "checksums": {name: d.checksum for name, d in digests.items()}}
-            time.sleep(pause)
-        raise verify_error(differences, behind)
+    def verify(self, progress=lambda figures: None) -> dict:
+        """Every selected row equal on both nodes, compared while writes go on (see verify.py); after cutover, every
+        sequence of the target at or past the source's. Before cutover the sequences are not compared: the cutover
+        moves them. progress: called with the figures every few seconds."""
+        with connected(self.endpoint(self.source), self.admin) as source:
+            state = switch_state.read(source, self.key)
+            tables = catalog.tables(source, self.request.filters)
+            seqs = catalog.sequences(source, self.request.filters)
+        if state is not None and not state.settled:
+            raise verify.VerificationError(f"the switch is unsettled ({state.direction} {state.phase}): verify after it "
+                                           "settles (the watchdog or a rollback settles it)")
+        after_cutover = state is not None and state.writer == "target"
+        target = self.endpoint(self.target())
+        nodes = [verify.VerifyNode("source", self.endpoint(self.source), writer=not after_cutover),
+                 verify.VerifyNode("target", target, writer=after_cutover or DRIVERS[self.request.replication_driver].active_active)]
+
+        def report_progress(figures: dict) -> None:
+            emit("verify_progress", **figures)
+            progress(figures)
+
+        report = verify.Verification(nodes, self.admin, tables, parallelism=self.request.verify_parallelism,
+                                     progress=report_progress).run()
+        behind = {}
+        if after_cutover:
+            with connected(self.endpoint(self.source), self.admin) as source, connected(target, self.admin) as on_target:
+                behind = sequences.differences(source, on_target, seqs)
+        if report.divergences or behind:
+            raise verify_error(report, behind)
+        result = {**report.as_dict(), "sequences": len(seqs) if after_cutover else 0, "after_cutover": after_cutover}
+        emit("verified", **{k: v for k, v in result.items() if k != "divergences"})
+        return result
 
     def detach(self, halted=lambda: None) -> dict:
         if self.request.decommission != "delete":
@@ -442,7 +467,7 @@ def _quoted(qualified_name: str) -> str:
     return f'"{schema}"."{table}"'
 
 
-def verify_error(differences: dict, behind: dict) -> RuntimeError:
-    parts = [f"{name}: source {a.rows} rows/{a.checksum[:8]}, target {b.rows} rows/{b.checksum[:8]}" for name, (a, b) in differences.items()]
+def verify_error(report: verify.Report, behind: dict) -> verify.VerificationError:
+    parts = [d.describe() for d in report.divergences]
     parts += [f"sequence {name}: source {a}, target {b}" for name, (a, b) in behind.items()]
-    return RuntimeError("verification failed: " + "; ".join(parts))
+    return verify.VerificationError("verification failed: " + "; ".join(parts))

@@ -9,36 +9,10 @@ import pytest
 
 from pgactive_upgrade import catalog, config, fencing
 from pgactive_upgrade.cutover import CutoverError
-from pgactive_upgrade.db import Credentials
-from pgactive_upgrade.upgrade import PreflightError, Upgrade
-from topology.demo import demo_conf
+from pgactive_upgrade.upgrade import PreflightError
+from integration_parts import replicating
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def build(fresh_databases, monkeypatch):
-    topo = fresh_databases
-    monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
-
-    def make(**overrides) -> Upgrade:
-        return Upgrade(
-            config.validate({**demo_conf(topo), **overrides}),
-            topo.aws_client("rds"),
-            Credentials("postgres", topo.credentials["postgres"]),
-            Credentials("replicator", topo.credentials["replicator"]),
-            dbname="app",
-            route53_client=topo.aws_client("route53"),
-        )
-
-    return topo, make
-
-
-def replicating(upgrade: Upgrade) -> Upgrade:
-    for step in (upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters, upgrade.install,
-                 upgrade.build_group):
-        step()
-    return upgrade
 
 
 def test_cutover_past_its_deadline_undoes_itself(build):

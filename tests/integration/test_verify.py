@@ -1,0 +1,107 @@
+"""Verification on a busy database: it passes while writes go on (a hot row included) and fails naming the table
+and key range of a row that really differs, before and after cutover."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from integration_parts import replicating
+from pgactive_upgrade import verify
+from pgactive_upgrade.db import Credentials
+from topology.load import Churn
+
+pytestmark = pytest.mark.integration
+
+# Settings that change a value's text: the target's database defaults differ from the source's on purpose.
+SKEWED_TARGET_SETTINGS = {"timezone": "Pacific/Chatham", "DateStyle": "SQL, DMY", "IntervalStyle": "sql_standard",
+                          "extra_float_digits": "-3", "bytea_output": "escape"}
+
+
+def app_dsn(topo, port: int) -> str:
+    return f"host=127.0.0.1 port={port} dbname=app user=app password={topo.credentials['app']}"
+
+
+def admin_sql(server, *statements) -> None:
+    with server.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+
+
+def skew_settings(server) -> None:
+    connection = server.connect("postgres", dbname="app")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        for name, value in SKEWED_TARGET_SETTINGS.items():
+            cursor.execute(f"ALTER DATABASE app SET {name} = %s", (value,))
+    connection.close()
+
+
+def test_before_cutover_passes_under_load_and_names_rows_changed_on_the_target(build):
+    topo, make = build
+    skew_settings(topo.new_pg)
+    upgrade = replicating(make(), in_sync=True)
+
+    with Churn(app_dsn(topo, topo.old_pg.port), rate=300) as churn:
+        time.sleep(1)
+        before = churn.committed
+        results = [upgrade.verify() for _ in range(5)]
+        assert churn.committed - before > 50, "the database was busy while it verified"
+        assert all(r["after_cutover"] is False and r["tables"] == 4 and r["rows"] > 1000 for r in results), results
+
+        admin_sql(topo.new_pg, "UPDATE billing.invoices SET total = total + 1 WHERE id = 3",
+                  "DELETE FROM billing.invoice_lines WHERE (invoice_id, line_no) = (1, 2)")
+        with pytest.raises(verify.VerificationError) as failure:
+            upgrade.verify()
+    assert churn.errors == 0
+    message = str(failure.value)
+    assert "billing.invoices: 1 row(s) differ in key range id from start to end (e.g. 3)" in message
+    assert "billing.invoice_lines: 1 row(s) differ in key range (invoice_id, line_no) from start to end (e.g. (1, 2))" in message
+    assert "public.orders" not in message and "public.accounts" not in message
+
+
+def test_after_cutover_passes_under_load_and_names_a_row_changed_on_the_source(build):
+    topo, make = build
+    upgrade = replicating(make(), in_sync=True)
+
+    with Churn(app_dsn(topo, topo.haproxy.write_port), rate=300) as churn:
+        time.sleep(1)
+        upgrade.cutover("verify-after")
+        time.sleep(1)
+        before = churn.committed
+        results = [upgrade.verify() for _ in range(5)]
+        assert churn.committed - before > 50, "the database was busy while it verified"
+        assert all(r["after_cutover"] is True and r["sequences"] == 3 for r in results), results
+
+        admin_sql(topo.old_pg, "UPDATE public.accounts SET email = 'changed@example.com' WHERE id = 7")
+        with pytest.raises(verify.VerificationError, match=r"public\.accounts: 1 row\(s\) differ in key range id from "
+                                                          r"start to end \(e\.g\. 7\)"):
+            upgrade.verify()
+
+
+def test_chunks_cover_every_row_once_and_a_difference_is_named_by_its_chunk(build):
+    topo, make = build
+    upgrade = replicating(make(), in_sync=True)
+    tables = [t for t in upgrade.tables() if t.qualified_name == "public.orders"]
+    nodes = [verify.VerifyNode("source", upgrade.endpoint(upgrade.source), writer=True),
+             verify.VerifyNode("target", upgrade.endpoint(upgrade.target()), writer=False)]
+    admin = Credentials("postgres", topo.credentials["postgres"])
+    with topo.old_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        cursor.execute("ANALYZE public.orders")
+        cursor.execute("SELECT count(*) FROM public.orders")
+        rows = cursor.fetchone()[0]
+    seen = []
+
+    with Churn(app_dsn(topo, topo.old_pg.port), rate=300):
+        report = verify.Verification(nodes, admin, tables, parallelism=3, chunk_rows=100, progress=seen.append).run()
+        assert report.divergences == [] and report.chunks >= rows // 100
+        assert seen and seen[-1]["chunks_done"] == seen[-1]["chunks"] == report.chunks
+
+        admin_sql(topo.new_pg, "UPDATE public.orders SET note = 'changed' WHERE id = 250")
+        report = verify.Verification(nodes, admin, tables, parallelism=3, chunk_rows=100).run()
+    [divergence] = report.divergences
+    assert divergence.keys == [(250,)]
+    lower, upper = divergence.chunk.lower[0], divergence.chunk.upper[0]
+    assert lower <= 250 < upper and upper - lower < 200, divergence.describe()
+    assert f"key range id from {lower} to {upper}" in divergence.describe()
