@@ -2,7 +2,8 @@
 ### Rolling major-version upgrade of RDS for PostgreSQL
 
 Provisions a new instance of the target major version, replicates the source into it, shifts traffic in
-phases with health checks, cuts over with a fenced, deadline-bound switch, verifies every row and sequence,
+phases with health checks, verifies every row while writes go on, cuts over with a fenced, deadline-bound
+switch, verifies every row and sequence again,
 then (when the conf says `decommission: delete`) detaches the old node and deletes it after a final snapshot.
 
 Every task can be cleared and re-run: each step first checks whether its work is already done.
@@ -75,14 +76,15 @@ with DAG(
         )
 
     traffic_phases = traffic_phase.expand(percent=validate_request.output)
-    # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
     # none_failed: with no phases configured the mapped group expands to nothing and is skipped.
-    cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11), trigger_rule="none_failed")
-    # Beside the cutover, deferred: settles the switch within seconds if the cutover's process dies holding the fence.
-    cutover_watchdog = CutoverWatchdogOperator(
-        task_id="cutover_watchdog", execution_timeout=timedelta(hours=6), trigger_rule="none_failed"
+    verify_before_cutover = VerifyOperator(
+        task_id="verify_before_cutover", execution_timeout=timedelta(hours=2), trigger_rule="none_failed"
     )
-    verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(minutes=10))
+    # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
+    cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
+    # Beside the cutover, deferred: settles the switch within seconds if the cutover's process dies holding the fence.
+    cutover_watchdog = CutoverWatchdogOperator(task_id="cutover_watchdog", execution_timeout=timedelta(hours=6))
+    verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(hours=2))
     detach_old_node = DetachOldNodeOperator(task_id="detach_old_node", execution_timeout=timedelta(minutes=5))
     decommission_source = DecommissionSourceOperator(task_id="decommission_source", execution_timeout=timedelta(minutes=10))
 
@@ -95,6 +97,7 @@ with DAG(
         init_replication_group,
         wait_for_sync,
         traffic_phases,
+        verify_before_cutover,
         [cutover, cutover_watchdog],
         verify,
         detach_old_node,

@@ -22,7 +22,7 @@ def test_upgrade_dag_runs_the_steps_in_order_with_the_prd_timeouts():
     order = [
         "validate_request", "preflight", "provision_target", "configure_parameters", "install_extension",
         "init_replication_group.build_replication", "wait_for_sync", "traffic_phase.wait_for_previous_phase",
-        "traffic_phase.shift", "traffic_phase.health_check", "cutover", "verify",
+        "traffic_phase.shift", "traffic_phase.health_check", "verify_before_cutover", "cutover", "verify",
         "detach_old_node", "decommission_source",
     ]
     for upstream, downstream in zip(order, order[1:]):

@@ -315,8 +315,16 @@ class CutoverOperator(UpgradeStepOperator):
 
 
 class VerifyOperator(UpgradeStepOperator):
+    """Every selected row equal on both nodes while writes go on; before cutover (the run stops before the switch
+    when it fails) and after it. Its progress goes into the upgrade's record as `verify_progress`."""
+
     def step(self, upgrade, context):
-        return upgrade.verify()
+        key = progress.record_key(upgrade.request.source_identifier)
+        return upgrade.verify(progress=lambda figures: state.merge(key, {"verify_progress": {"task": self.task_id, **figures}}))
+
+    def progress_fields(self, result: Any) -> dict:
+        return {"verify_progress": {"task": self.task_id, "chunks_done": result["chunks"], "chunks": result["chunks"],
+                                    "rows": result["rows"], "rows_per_second": result["rows_per_second"]}}
 
 
 class CutoverWatchdogOperator(BaseOperator):
