@@ -228,6 +228,13 @@ def _user_parameters(rds, name: str) -> dict[str, str]:
     return {p["ParameterName"]: p.get("ParameterValue") for page in pages for p in page["Parameters"]}
 
 
+def custom_parameters(rds, name: str | None) -> dict[str, str]:
+    """What a group sets itself: nothing for a default group or one that does not exist."""
+    if _is_default_group(name) or _describe_parameter_group(rds, name) is None:
+        return {}
+    return _user_parameters(rds, name)
+
+
 def ensure_parameter_group(rds, name: str, family: str, description: str, parameters: dict[str, str]) -> bool:
     """Create the group if missing and set ``parameters``; returns True when anything changed."""
     validate_identifier(name, kind="DB parameter group name", max_len=PARAMETER_GROUP_MAX)

@@ -23,7 +23,9 @@ from pgactive_upgrade.traffic.base import TrafficController
 
 
 class PreflightError(RuntimeError):
-    pass
+    def __init__(self, message: str, warnings: list[dict] | None = None):
+        super().__init__(message)
+        self.warnings = warnings or []  # what preflight found besides the blocking problems
 
 
 class AlreadySwitchedError(RuntimeError):
@@ -154,9 +156,9 @@ class Upgrade:
         findings += self._tool_findings() + self._parameter_findings()
         split = self._read_split(findings)
         problems = [f.message for f in findings if f.blocks]
-        if problems:
-            raise PreflightError("preflight failed: " + "; ".join(problems))
         warnings = [f.as_dict() for f in findings if not f.blocks]
+        if problems:
+            raise PreflightError("preflight failed: " + "; ".join(problems), warnings)
         result = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(context.tables),
                   "application_roles": context.application_roles, "split": split,
                   "source_needs_reboot": plan.needs_reboot, "warnings": warnings}

@@ -115,6 +115,8 @@ REJECTIONS = [
     single("lag_escalation_minutes", 1441, "greater than the maximum of 1440"),
     single("cutover_deadline_seconds", 4, "less than the minimum of 5"),
     single("cutover_deadline_seconds", 601, "greater than the maximum of 600"),
+    single("max_open_transaction_seconds", 0, "less than the minimum of 1"),
+    single("max_open_transaction_seconds", 86401, "greater than the maximum of 86400"),
     # application_roles
     single("application_roles", ["app role"], IDENTIFIER_HINT, path="application_roles[0]"),
     single("application_roles", ["app", "app"], "has non-unique elements"),
@@ -308,6 +310,7 @@ def test_full_conf_round_trips_into_upgrade_request():
         "lag_threshold_bytes": 1 << 40,
         "lag_escalation_minutes": 1440,
         "cutover_deadline_seconds": 5,
+        "max_open_transaction_seconds": 60,
         "application_roles": ["app", "report$ro"],
         "traffic": traffic,
         "decommission": "delete",
@@ -327,7 +330,7 @@ def test_full_conf_round_trips_into_upgrade_request():
                         exclude_tables=("billing.tmp",)),
         shift_percentages=(5, 25, 75), shift_mode="units", allow_source_reboot=True, health_probes=("SELECT count(*) FROM sales.orders",),
         probe_budget_ms=250, verify_parallelism=8, phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440,
-        cutover_deadline_seconds=5, application_roles=("app", "report$ro"), traffic=traffic, decommission="delete",
+        cutover_deadline_seconds=5, max_open_transaction_seconds=60, application_roles=("app", "report$ro"), traffic=traffic, decommission="delete",
         final_snapshot_id="orders-db-final", endpoint_overrides={"orders-db": "127.0.0.1:26415"}, aws_conn_id="aws.prod",
         db_conn_id="db-admin", replication_conn_id="repl_user")
     for name in ("security_group_ids", "shift_percentages", "application_roles", "health_probes"):
