@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from psycopg2 import sql
 
+from pgactive_upgrade import schema_drift
 from pgactive_upgrade.catalog import META_SCHEMA, Table
 from pgactive_upgrade.config import slug
 from pgactive_upgrade.db import Credentials, Endpoint, connected, execute, qualified, query
@@ -102,7 +103,15 @@ class ReplicationDriver(ABC):
     def problems(self) -> list[str]:
         """Health problems of the replication right now; empty when healthy."""
         lag = self.lag()
-        return [] if lag.bytes is not None else [f"replication lag unknown: {lag.detail}"]
+        problems = [] if lag.bytes is not None else [f"replication lag unknown: {lag.detail}"]
+        return problems + self.schema_problems()
+
+    def schema_problems(self) -> list[str]:
+        """DDL made on one node after the schema copy (no driver replicates DDL)."""
+        tables = list(self.link.tables)
+        with self.source() as source, self.target() as target:
+            drift = schema_drift.differences(schema_drift.columns(source, tables), schema_drift.columns(target, tables))
+        return [f"DDL after the schema copy: {d}; make the same change on the other node" for d in drift]
 
     def ensure_marker_table(self, connection) -> None:
         execute(connection, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(META_SCHEMA)))

@@ -14,7 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from pgactive_upgrade.catalog import META_SCHEMA, missing_tables, user_tables
-from pgactive_upgrade.db import conninfo, execute, qualified, query, server_major
+from pgactive_upgrade.db import conninfo, connected, execute, qualified, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication.base import MARKER_TABLE, Lag, ReplicationDriver, ReplicationError
 from pgactive_upgrade.tools import find_program
@@ -45,19 +45,27 @@ class NativeDriver(ReplicationDriver):
         return {"marker_table": f"{META_SCHEMA}.{MARKER_TABLE}"}
 
     def _grant_select(self, connection) -> None:
+        """The replication role reads each published table in the initial copy, partitions one by one."""
+        partitions = self._partitions(connection)
+        schemas = {t.schema for t in self.link.tables} | {schema for schema, _ in partitions} | {META_SCHEMA}
         execute(
             connection,
             sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-                sql.SQL(", ").join(sql.Identifier(s) for s in sorted({t.schema for t in self.link.tables} | {META_SCHEMA})),
+                sql.SQL(", ").join(sql.Identifier(s) for s in sorted(schemas)),
                 sql.Identifier(self.link.replication.user),
             ),
         )
         execute(
             connection,
             sql.SQL("GRANT SELECT ON {} TO {}").format(
-                sql.SQL(", ").join(self._published()), sql.Identifier(self.link.replication.user)
+                sql.SQL(", ").join(self._published() + [qualified(*p) for p in partitions]),
+                sql.Identifier(self.link.replication.user),
             ),
         )
+
+    def _partitions(self, connection) -> list[tuple[str, str]]:
+        tables = self.link.tables
+        return query(connection, _PARTITIONS, ([t.schema for t in tables], [t.name for t in tables]))
 
     def build(self) -> dict:
         copied = self.copy_schema()
@@ -139,6 +147,9 @@ class NativeDriver(ReplicationDriver):
         options = sql.SQL("copy_data = {}, create_slot = {}, slot_name = {}").format(
             sql.Literal(copy_data), sql.Literal(create_slot), sql.Literal(name)
         )
+        with connected(publisher.endpoint, self.link.admin) as on_publisher:
+            if streams_in_progress(server_major(connection), server_major(on_publisher)):
+                options += sql.SQL(", streaming = on")
         keep_statement_out_of_server_log(connection)
         execute(
             connection,
@@ -187,6 +198,18 @@ class NativeDriver(ReplicationDriver):
             (slot,),
         )
         return max(0, rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def problems(self) -> list[str]:
+        return super().problems() + self._transactions_holding_apply()
+
+    def _transactions_holding_apply(self) -> list[str]:
+        with self.source() as source:
+            rows = query(source, "SELECT pid, usename, extract(epoch FROM now() - xact_start)::int FROM pg_stat_activity "
+                                 "WHERE backend_xid IS NOT NULL AND backend_type = 'client backend' "
+                                 "AND xact_start < now() - make_interval(secs => %s) ORDER BY xact_start",
+                         (HOLDING_SECONDS,))
+        return [f"source transaction of pid {pid} ({user}) open for {age} s holds the apply back: the target applies "
+                "it only when it commits; end it or wait" for pid, user, age in rows]
 
     def before_fence(self) -> None:
         """The reverse publication without a slot captures nothing yet: safe to create before the fence."""
@@ -247,6 +270,26 @@ class NativeDriver(ReplicationDriver):
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s AND NOT active",
             (slot,),
         )
+
+
+_PARTITIONS = """
+SELECT DISTINCT n.nspname, c.relname
+FROM unnest(%s::text[], %s::text[]) AS r(schema, name)
+CROSS JOIN LATERAL pg_partition_tree(to_regclass(format('%%I.%%I', r.schema, r.name))) t
+JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.level > 0
+ORDER BY 1, 2
+"""
+
+# A source transaction with writes open this long holds the apply back: the target applies it only at its commit.
+HOLDING_SECONDS = 300
+
+
+def streams_in_progress(subscriber_major: int, publisher_major: int) -> bool:
+    """Large transactions stream to the subscriber while still open (14+ on both ends), instead of being decoded
+    into the publisher's memory and spill files and sent only at commit. 'on' rather than 'parallel': the apply
+    stays one worker, as the capacity check counts."""
+    return min(subscriber_major, publisher_major) >= 14
 
 
 def keep_statement_out_of_server_log(connection) -> None:

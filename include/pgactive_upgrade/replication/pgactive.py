@@ -480,7 +480,7 @@ class PgactiveDriver(ReplicationDriver):
                 problems.append(f"{node.identifier}: pgactive worker errors: {errors}")
             if new_conflicts:
                 problems.append(f"{node.identifier}: {new_conflicts} new pgactive conflict(s) in pgactive_conflict_history")
-        return problems
+        return problems + self.schema_problems()
 
     def conflict_marks(self) -> dict[str, int]:
         """The newest conflict id per node: pass it back as conflict_baseline to only hear of later conflicts."""
