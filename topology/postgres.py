@@ -160,6 +160,7 @@ class Server:
             "max_wal_senders": 20,
             "max_worker_processes": 16,
             "max_logical_replication_workers": 8,
+            "max_prepared_transactions": 10,  # the hostile schema holds a prepared transaction
             "track_commit_timestamp": "on",
             "fsync": "off",
             "full_page_writes": "off",
