@@ -241,7 +241,10 @@ class Verification:
             range=_range(chunk),
         )
         with self.pools[node.name].connection() as connection:
-            rows, checksum = query(connection, statement, _range_params(chunk))[0]
+            try:
+                rows, checksum = query(connection, statement, _range_params(chunk))[0]
+            except psycopg2.errors.UndefinedTable:
+                raise VerificationError(f"{chunk.table.qualified_name}: no such table on the {node.name}") from None
         return Digest(rows, int(checksum))
 
     # --- the replication barrier ------------------------------------------------------------------------------
@@ -343,11 +346,14 @@ class Verification:
 
 
 def _row_estimate(connection, table: Table) -> int:
-    estimate = query(
+    found = query(
         connection,
         "SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
         (table.schema, table.name),
-    )[0][0]
+    )
+    if not found:
+        raise VerificationError(f"{table.qualified_name}: no such table on the writing node")
+    estimate = found[0][0]
     if estimate is None or estimate < 0:  # never analyzed (or a partitioned root): count
         return query(connection, sql.SQL("SELECT count(*) FROM {}").format(qualified(table.schema, table.name)))[0][0]
     return int(estimate)
