@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import psycopg2
 import pytest
 from psycopg2 import sql
 
 from topology.demo import demo_conf
+from topology.load import Churn
 
 pytestmark = pytest.mark.e2e
 
 TABLES = ["public.accounts", "public.orders", "billing.invoices", "billing.invoice_lines"]
+CHURNED = "public.orders"  # Churn's table
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +54,18 @@ def table_fingerprint(connection, table: str) -> tuple[int, str]:
         return cursor.fetchone()
 
 
+def seeded_ids(connection, table: str) -> set[int]:
+    """Ids of the rows Churn did not insert (it deletes only those)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.SQL("SELECT id FROM {}.{} WHERE note IS DISTINCT FROM 'churn'").format(
+            *map(sql.Identifier, table.split("."))))
+        return {row[0] for row in cursor.fetchall()}
+
+
+def app_dsn(topo) -> str:
+    return f"host=127.0.0.1 port={topo.haproxy.write_port} dbname=app user=app password={topo.credentials['app']}"
+
+
 def sequence_values(connection) -> dict[str, int]:
     with connection.cursor() as cursor:
         cursor.execute(
@@ -77,12 +93,17 @@ def test_whole_upgrade_moves_every_row_and_sequence_to_17(upgrade_env):
             cursor.execute("INSERT INTO public.accounts (email, created_at) VALUES ('late@example.com', now())")
         old.commit()
 
-    run = run_upgrade(topo)
+    with Churn(app_dsn(topo), rate=300) as churn:  # a busy database all along: verify passes while writes go on
+        run = run_upgrade(topo)
 
     assert run.state == "success", {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert churn.committed > 1000, (churn.committed, churn.errors)
     old, new = connect(topo.old_pg, password=password), connect(topo.new_pg, password=password)
     try:
         for table in TABLES:
+            if table == CHURNED:  # written on after detach_old_node, which ends replication: only the target has those
+                assert seeded_ids(old, table) == seeded_ids(new, table)
+                continue
             on_old, on_new = table_fingerprint(old, table), table_fingerprint(new, table)
             assert on_old == on_new, table
             assert on_old[0] > 0, table
@@ -124,3 +145,41 @@ def test_table_without_primary_key_stops_the_run_before_anything_changes(upgrade
     assert states["provision_target"] in ("upstream_failed", None)
     rds = topo.aws_client("rds")
     assert [i["DBInstanceIdentifier"] for i in rds.describe_db_instances()["DBInstances"]] == ["orders-db"]
+
+
+def test_a_row_changed_on_the_target_stops_the_run_before_cutover_naming_its_table(upgrade_env, capfd):
+    topo = upgrade_env
+    tampered = threading.Event()
+
+    def change_a_row_behind_replication() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not tampered.is_set():
+            try:
+                with connect(topo.new_pg, password=topo.credentials["postgres"]) as target, target.cursor() as cursor:
+                    cursor.execute("SELECT count(*) = 0 FROM pg_subscription_rel WHERE srsubstate <> 'r'")
+                    copied = cursor.fetchone()[0]
+                    cursor.execute("SELECT 1 FROM pg_subscription")
+                    if copied and cursor.fetchone():
+                        cursor.execute("UPDATE billing.invoices SET total = total + 1 WHERE id = 3")
+                        tampered.set()
+            except psycopg2.Error:
+                pass  # the schema is not there yet
+            time.sleep(0.05)
+
+    tamper = threading.Thread(target=change_a_row_behind_replication, daemon=True)
+    tamper.start()
+    with Churn(app_dsn(topo), rate=300):
+        run = run_upgrade(topo)
+    tamper.join(timeout=5)
+
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert tampered.is_set()
+    assert run.state == "failed", states
+    assert states["verify_before_cutover"] == "failed", states
+    assert states["cutover"] == "upstream_failed", states
+    output = capfd.readouterr()
+    assert "billing.invoices: 1 row(s) differ in key range id from start to end (e.g. 3)" in output.out + output.err
+    with connect(topo.old_pg, user="app", password=topo.credentials["app"], port=topo.haproxy.write_port) as app:
+        with app.cursor() as cursor:
+            cursor.execute("SELECT inet_server_port()")
+            assert cursor.fetchone()[0] == topo.old_pg.port, "no cutover: writes stay on the source"
