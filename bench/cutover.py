@@ -270,7 +270,7 @@ def reverse_and_verify(topo: Topology, upgrade: Upgrade, timeout: float = 15) ->
             break
         time.sleep(0.2)
     try:
-        upgrade.verify(attempts=5, pause=0.5)
+        upgrade.verify()
         verified = "ok"
     except Exception as error:
         verified = f"failed: {str(error)[:300]}"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 import time
 
+import psycopg2
 import pytest
 
-from pgactive_upgrade import catalog, sequences
+from pgactive_upgrade import catalog, sequences, verify
 from pgactive_upgrade.replication.pgactive import JoinFailed
 from replication_helpers import FILTERS, sql_all, sql_one, synced, wait_for
+from topology.load import Churn
 
 pytestmark = pytest.mark.integration
 
@@ -250,3 +252,32 @@ def test_detach_turns_snowflake_defaults_back_into_plain_sequences(driver, topol
     assert "snowflake" not in default and "nextval('billing.invoices_id_seq'" in default
     assert sql_one(topology.new_pg, "INSERT INTO billing.invoices (order_id, total, issued_at) "
                                     "VALUES (1, 1, now()) RETURNING id")[0] > 0
+
+
+def test_verify_passes_with_writes_on_both_nodes_and_names_a_row_changed_behind_replication(driver, topology,
+                                                                                             pgactive_only):
+    """Before cutover pgactive takes writes on both nodes: verify locks on both and passes a barrier both ways."""
+    build(driver)
+    admin = driver.link.admin
+    nodes = [verify.VerifyNode("source", driver.link.source.endpoint, writer=True),
+             verify.VerifyNode("target", driver.link.target.endpoint, writer=True)]
+    tables = list(driver.link.tables)
+
+    with Churn(app_dsn(topology, topology.old_pg), rate=100, hot_id=1) as on_source, \
+            Churn(app_dsn(topology, topology.new_pg), rate=100, hot_id=2) as on_target:
+        time.sleep(1)
+        reports = [verify.Verification(nodes, admin, tables, chunk_rows=200).run() for _ in range(3)]
+        assert [r.divergences for r in reports] == [[], [], []]
+        assert on_source.committed > 50 and on_target.committed > 50
+
+        unreplicated = psycopg2.connect(topology.new_pg.dsn("postgres", "app"), options="-c pgactive.do_not_replicate=on")
+        with unreplicated, unreplicated.cursor() as cursor:
+            cursor.execute("UPDATE billing.invoices SET total = total + 1 WHERE id = 3")
+        unreplicated.close()
+        report = verify.Verification(nodes, admin, tables, chunk_rows=200).run()
+    assert [d.chunk.table.qualified_name for d in report.divergences] == ["billing.invoices"]
+    assert report.divergences[0].keys == [(3,)]
+
+
+def app_dsn(topology, server) -> str:
+    return f"host=127.0.0.1 port={server.port} dbname=app user=app password={topology.credentials['app']}"
