@@ -460,8 +460,8 @@ def _capacity(ctx: Context, connection, node: str, identifier: str, planned: dic
 def target_reachable(ctx: Context) -> list[Finding]:
     if ctx.target is not None:
         return []
-    return [warn("target", f"the target does not exist yet: extensions, database locale, roles and capacity on "
-                 f"PostgreSQL {ctx.request.target_major} are checked when it does", "install_extension")]
+    return [warn("target", f"{ctx.target_id} does not exist or answer yet: extensions, database locale, roles and "
+                 f"capacity on PostgreSQL {ctx.request.target_major} are checked when it does", "install_extension")]
 
 
 def extensions(ctx: Context) -> list[Finding]:

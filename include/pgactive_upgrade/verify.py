@@ -157,7 +157,7 @@ class Verification:
     """One comparison of the tables on two nodes; `run` returns a Report whose divergences are real differences."""
 
     def __init__(self, nodes: list[VerifyNode], credentials: Credentials, tables: list[Table], *,
-                 parallelism: int = 4, chunk_rows: int = 100_000, rounds: int = 3, barrier_timeout: float = 60.0,
+                 parallelism: int = 4, chunk_rows: int = 100_000, rounds: int = 3, barrier_timeout: float = 120.0,
                  max_keys: int = 10_000, progress: Callable[[dict], None] | None = None):
         if len(nodes) != 2 or not any(n.writer for n in nodes):
             raise ValueError("verification compares two nodes, at least one of them taking writes")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pgactive_upgrade import config
-from pgactive_upgrade.db import Credentials
 from pgactive_upgrade.upgrade import Upgrade
-from topology.demo import demo_conf
+from tests.integration.integration_parts import upgrade_of
 
 
 @pytest.fixture
@@ -17,13 +15,6 @@ def build(fresh_databases, monkeypatch):
     monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
 
     def make(**overrides) -> Upgrade:
-        return Upgrade(
-            config.validate({**demo_conf(topo), **overrides}),
-            topo.aws_client("rds"),
-            Credentials("postgres", topo.credentials["postgres"]),
-            Credentials("replicator", topo.credentials["replicator"]),
-            dbname="app",
-            route53_client=topo.aws_client("route53"),
-        )
+        return upgrade_of(topo, **overrides)
 
     return topo, make

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import time
 
+from pgactive_upgrade import config
+from pgactive_upgrade.db import Credentials
 from pgactive_upgrade.upgrade import Upgrade
+from topology.demo import demo_conf
+
+
+def upgrade_of(topo, **overrides) -> Upgrade:
+    """An Upgrade of the demo source on the topology, conf overrides applied."""
+    return Upgrade(
+        config.validate({**demo_conf(topo), **overrides}),
+        topo.aws_client("rds"),
+        Credentials("postgres", topo.credentials["postgres"]),
+        Credentials("replicator", topo.credentials["replicator"]),
+        dbname="app",
+        route53_client=topo.aws_client("route53"),
+    )
 
 
 def replicating(upgrade: Upgrade, in_sync: bool = False) -> Upgrade:

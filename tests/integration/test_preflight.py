@@ -7,24 +7,11 @@ import time
 
 import pytest
 
-from pgactive_upgrade import config
-from pgactive_upgrade.db import Credentials
-from pgactive_upgrade.upgrade import PreflightError, Upgrade
-from tests.integration.integration_parts import replicating
-from topology.demo import demo_conf
+from pgactive_upgrade.upgrade import PreflightError
+from tests.integration.integration_parts import replicating, upgrade_of
 from topology.hostile import Hostile
 
 pytestmark = pytest.mark.integration
-
-
-def upgrade_of(topo, **overrides) -> Upgrade:
-    return Upgrade(
-        config.validate({**demo_conf(topo), **overrides}),
-        topo.aws_client("rds"),
-        Credentials("postgres", topo.credentials["postgres"]),
-        Credentials("replicator", topo.credentials["replicator"]),
-        dbname="app",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +132,18 @@ def test_ddl_on_the_source_after_the_schema_copy_is_named_by_the_health_check(bu
         cursor.execute("ALTER TABLE public.orders ADD COLUMN coupon text")
     problems, _ = upgrade.health_check()
     assert any("public.orders: column coupon (text) exists on the source only" in p for p in problems), problems
+
+
+def test_install_refuses_a_target_without_the_application_roles(build):
+    topo, make = build
+    with topo.old_pg.connect() as source, source.cursor() as cursor:
+        cursor.execute("CREATE ROLE stray_app LOGIN")
+    try:
+        upgrade = make()
+        for step in (upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters):
+            step()
+        with pytest.raises(PreflightError, match="role stray_app does not exist on orders-db-pg17"):
+            upgrade.install()
+    finally:
+        with topo.old_pg.connect() as source, source.cursor() as cursor:
+            cursor.execute("DROP ROLE stray_app")
