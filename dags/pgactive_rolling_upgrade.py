@@ -27,7 +27,9 @@ from pgactive_upgrade.airflow.operators import (
     PhaseGateSensor,
     PhaseHealthCheckOperator,
     PreflightOperator,
+    PrepareTargetOperator,
     ProvisionTargetOperator,
+    RefreshMaterializedViewsOperator,
     ShiftPhaseOperator,
     ValidateRequestOperator,
     VerifyOperator,
@@ -61,6 +63,7 @@ with DAG(
     with TaskGroup("init_replication_group") as init_replication_group:
         BuildReplicationOperator(task_id="build_replication", execution_timeout=timedelta(minutes=30))
     wait_for_sync = WaitForSyncSensor(task_id="wait_for_sync", timeout=timedelta(hours=24).total_seconds(), poll_interval=5)
+    prepare_target = PrepareTargetOperator(task_id="prepare_target", execution_timeout=timedelta(hours=1))
 
     @task_group(group_id="traffic_phase")
     def traffic_phase(percent):
@@ -80,6 +83,9 @@ with DAG(
     verify_before_cutover = VerifyOperator(
         task_id="verify_before_cutover", execution_timeout=timedelta(hours=2), trigger_rule="none_failed"
     )
+    refresh_views_before_cutover = RefreshMaterializedViewsOperator(
+        task_id="refresh_views_before_cutover", execution_timeout=timedelta(hours=1)
+    )
     # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
     cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
     # Beside the cutover, deferred: settles the switch within seconds if the cutover's process dies holding the fence.
@@ -96,8 +102,10 @@ with DAG(
         install_extension,
         init_replication_group,
         wait_for_sync,
+        prepare_target,
         traffic_phases,
         verify_before_cutover,
+        refresh_views_before_cutover,
         [cutover, cutover_watchdog],
         verify,
         detach_old_node,

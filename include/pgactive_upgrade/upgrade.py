@@ -220,6 +220,12 @@ class Upgrade:
             findings.append(preflight.block("traffic", f"traffic: cannot read the current split: {error}"))
             return {}
 
+    def prepare_target(self) -> dict:
+        """After the initial sync, before any traffic reaches the target: what replication does not carry."""
+        with connected(self.endpoint(self.source), self.admin) as connection:
+            self.check_not_switched(connection)
+        return self.refresh_materialized_views()
+
     def refresh_materialized_views(self) -> dict:
         """Materialized views arrive empty on the target: refresh each there (after the initial sync, before reads
         move). Idempotent."""

@@ -107,6 +107,20 @@ class InstallExtensionOperator(UpgradeStepOperator):
         return upgrade.install()
 
 
+class PrepareTargetOperator(UpgradeStepOperator):
+    """After the initial sync, before any traffic reaches the target: fills its materialized views."""
+
+    def step(self, upgrade, context):
+        return upgrade.prepare_target()
+
+
+class RefreshMaterializedViewsOperator(UpgradeStepOperator):
+    """Right before the cutover: the target's materialized views as fresh as the source's refreshes made them."""
+
+    def step(self, upgrade, context):
+        return upgrade.refresh_materialized_views()
+
+
 class BuildReplicationOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
         record = state.read(progress.record_key(upgrade.request.source_identifier)) or {}
