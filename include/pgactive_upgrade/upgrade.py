@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -172,6 +173,7 @@ class Upgrade:
             source=source, request=self.request, tables=catalog.tables(source, self.request.filters),
             source_info=self.source, replication_user=self.replication.user,
             application_roles=self.application_roles(source), plan=plan, target=target, target_id=self.target_id,
+            target_parameter_group=self.parameter_group,
         )
 
     @contextmanager
@@ -196,12 +198,13 @@ class Upgrade:
         return []
 
     def _parameter_findings(self) -> list[preflight.Finding]:
-        """The target's group gets the driver's parameters only: name the source's other custom ones."""
-        handled = rds.pgactive_parameters(self.request.replication_driver)
-        source = {k: v for k, v in rds.custom_parameters(self.rds_client, self.source.parameter_group).items()
-                  if k not in handled}
-        target = rds.custom_parameters(self.rds_client, self.parameter_group) or handled
-        return preflight.parameter_differences(source, target, self.parameter_group)
+        """The target's group gets the driver's parameters only: name the source's other custom ones, and the
+        source's own values of those the driver sets."""
+        driver_sets = rds.pgactive_parameters(self.request.replication_driver)
+        source = rds.custom_parameters(self.rds_client, self.source.parameter_group)
+        target = rds.custom_parameters(self.rds_client, self.parameter_group) or driver_sets
+        return preflight.parameter_findings(source, target, driver_sets, self.source.parameter_group,
+                                            self.parameter_group)
 
     def check_target(self) -> None:
         """The preflight checks that need the target (extensions, database locale, roles, capacity), once it answers."""
@@ -439,6 +442,8 @@ class Upgrade:
                 behind = sequences.differences(source, on_target, seqs)
         if report.divergences or behind:
             raise verify_error(report, behind)
+        for rows in report.unchecked:
+            emit("verify_rows_unchecked", log_level=logging.WARNING, detail=rows.describe("changed in every check"))
         result = {**report.as_dict(), "sequences": len(seqs) if after_cutover else 0, "after_cutover": after_cutover}
         emit("verified", **{k: v for k, v in result.items() if k != "divergences"})
         return result
