@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import psycopg2
 from psycopg2 import sql
 
+from pgactive_upgrade import schema_drift
 from pgactive_upgrade.catalog import META_SCHEMA, Table
 from pgactive_upgrade.db import Credentials, Endpoint, connect, execute, qualified, query
 
@@ -50,7 +51,6 @@ PINNED_SETTINGS = {
 }
 PINNED_SINCE_14 = {"idle_session_timeout": "0"}
 ROW = "pgu_row"  # the row alias
-ROW_HASH = sql.SQL("hashtextextended(ROW({}.*)::text, 0)").format(sql.Identifier(ROW))
 ROW_VERSION = sql.SQL("{row}.ctid::text || '/' || {row}.xmin::text").format(row=sql.Identifier(ROW))
 SMALL_CHUNK_ROWS = 1000
 ABSENT = (None, None)  # (hash, version) of a key a node does not hold
@@ -197,6 +197,7 @@ class Verification:
     def run(self) -> Report:
         started = time.monotonic()
         try:
+            self.columns = self._common_columns()
             with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="verify") as pool:
                 self.executor = pool
                 whole = [Chunk(t, None, None) for t in self.tables]
@@ -212,7 +213,36 @@ class Verification:
         self.report.seconds = time.monotonic() - started
         return self.report
 
-    # --- chunks and digests ----------------------------------------------------------------------------------
+    # --- columns, chunks and digests --------------------------------------------------------------------------
+    def _common_columns(self) -> dict[str, list[str]]:
+        """Each table's columns by name, the same on both nodes (a column only the target has, added there first,
+        holds nothing replication brought, and is left out); otherwise rows could not be compared at all."""
+        def read(node: VerifyNode) -> dict[str, dict[str, str]]:
+            with self.pools[node.name].connection() as connection:
+                return schema_drift.columns(connection, self.tables)
+
+        on = dict(zip((n.name for n in self.nodes), _concurrently([lambda n=n: read(n) for n in self.nodes])))
+        columns, problems = {}, []
+        for table in self.tables:
+            name = table.qualified_name
+            source, target = on["source"][name], on["target"][name]
+            for node, found in (("source", source), ("target", target)):
+                if not found:
+                    problems.append(f"{name}: no such table on the {node}")
+            problems += [f"{name}: column {c} is missing on the target" for c in sorted(source.keys() - target.keys())]
+            problems += [f"{name}: column {c} is {source[c]} on the source, {target[c]} on the target"
+                         for c in sorted(source.keys() & target.keys()) if source[c] != target[c]]
+            columns[name] = sorted(source)
+        if problems:
+            raise VerificationError("the tables cannot be compared: " + "; ".join(problems[:20]))
+        return columns
+
+    def _row_hash(self, table: Table) -> sql.Composable:
+        """A row's hash over its columns in name order (the nodes may hold them in another order)."""
+        values = sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(ROW), sql.Identifier(c))
+                                    for c in self.columns[table.qualified_name])
+        return sql.SQL("hashtextextended(ROW({})::text, 0)").format(values)
+
     def split(self, chunk: Chunk, rows: int) -> list[Chunk]:
         """The chunk cut into key-ordered chunks of `rows` rows, bounded by keys read on a writing node."""
         table = chunk.table
@@ -262,13 +292,10 @@ class Verification:
 
     def digest(self, node: VerifyNode, chunk: Chunk) -> Digest:
         statement = sql.SQL("SELECT count(*), coalesce(sum({hash}), 0) FROM {table} AS {row} WHERE {range}").format(
-            hash=ROW_HASH, table=_table(chunk.table), row=sql.Identifier(ROW), range=_range(chunk),
+            hash=self._row_hash(chunk.table), table=_table(chunk.table), row=sql.Identifier(ROW), range=_range(chunk),
         )
         with self.pools[node.name].connection() as connection:
-            try:
-                rows, checksum = query(connection, statement, _range_params(chunk))[0]
-            except psycopg2.errors.UndefinedTable:
-                raise VerificationError(f"{chunk.table.qualified_name}: no such table on the {node.name}") from None
+            rows, checksum = query(connection, statement, _range_params(chunk))[0]
         return Digest(rows, int(checksum))
 
     def _differ(self, digests: dict, chunk: Chunk) -> bool:
@@ -384,7 +411,8 @@ class Verification:
                     on_writer = self._rows(writer, table, locking, params, connection)
                     self.barrier(timeout=10.0)
                     on_reader = self._rows(reader, table, statement, params)
-            except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled, VerificationError):
+            except (psycopg2.errors.LockNotAvailable, psycopg2.errors.QueryCanceled,
+                    psycopg2.errors.InsufficientPrivilege, VerificationError):
                 unsettled.update(batch)
                 continue
             differ |= {k for k in batch if on_writer.get(k, ABSENT)[0] != on_reader.get(k, ABSENT)[0]}
@@ -392,7 +420,8 @@ class Verification:
 
     def _rows_statement(self, table: Table, condition: sql.Composable) -> sql.Composable:
         return sql.SQL("SELECT {keys}, {hash}, {version} FROM {table} AS {row} WHERE {condition}").format(
-            keys=_keys(table, ROW), hash=ROW_HASH, version=ROW_VERSION, table=_table(table), row=sql.Identifier(ROW),
+            keys=_keys(table, ROW), hash=self._row_hash(table), version=ROW_VERSION, table=_table(table),
+            row=sql.Identifier(ROW),
             condition=condition,
         )
 

@@ -145,3 +145,22 @@ def test_a_row_updated_all_the_time_is_checked_row_by_row_and_not_reported(build
     assert [r.divergences for r in reports] == [[]] * 5
     assert sum(r.rechecked_rows for r in reports) > 0, "the hot row made its chunk differ at least once"
     assert [r.unchecked for r in reports] == [[]] * 5, "one writing node: the hot row is checked locked"
+
+
+def test_columns_are_compared_by_name_and_one_missing_on_the_target_is_named(build):
+    topo, make = build
+    upgrade = replicating(make(), in_sync=True)
+    admin_sql(topo.old_pg, "CREATE TABLE public.cols (id int PRIMARY KEY, a text, b int)",
+              "INSERT INTO public.cols SELECT g, md5(g::text), g FROM generate_series(1, 100) AS g")
+    admin_sql(topo.new_pg, "CREATE TABLE public.cols (id int PRIMARY KEY, b int, a text, added_here_first text)",
+              "INSERT INTO public.cols (id, a, b) SELECT g, md5(g::text), g FROM generate_series(1, 100) AS g")
+    nodes = [verify.VerifyNode("source", upgrade.endpoint(upgrade.source), writer=True),
+             verify.VerifyNode("target", upgrade.endpoint(upgrade.target()), writer=False)]
+    admin = Credentials("postgres", topo.credentials["postgres"])
+    tables = [Table("public", "cols", ("id",))]
+
+    assert verify.Verification(nodes, admin, tables).run().divergences == []
+
+    admin_sql(topo.old_pg, "ALTER TABLE public.cols ADD COLUMN c int")
+    with pytest.raises(verify.VerificationError, match="public.cols: column c is missing on the target"):
+        verify.Verification(nodes, admin, tables).run()
