@@ -6,7 +6,9 @@ fix; a warning is carried in the run's result and names the step (or the person)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Callable
 
@@ -48,6 +50,7 @@ class Context:
     plan: rds.SourcePlan | None = None
     target: object | None = None  # admin connection to the target database, once the target exists
     target_id: str = ""
+    target_parameter_group: str = ""
 
     @property
     def driver(self) -> str:
@@ -244,11 +247,13 @@ def large_objects(ctx: Context) -> list[Finding]:
 # pgactive first moves it ahead by half of what is left.
 SEQUENCE_HEADROOM = {"native": 0.10, "pgactive": 0.20}
 
+# last_value is NULL both for a sequence never used and for one the admin may not read (readable says which).
 _SEQUENCES = """
 SELECT s.schemaname, s.sequencename, s.data_type::text, s.increment_by, s.min_value, s.max_value, s.last_value,
-       EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = format('%%I.%%I', s.schemaname, s.sequencename)::regclass
-               AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')) AS owned
-FROM pg_sequences s
+       EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = q.oid
+               AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')) AS owned,
+       has_sequence_privilege(q.oid, 'SELECT, USAGE') AS readable
+FROM pg_sequences s, LATERAL (SELECT format('%%I.%%I', s.schemaname, s.sequencename)::regclass::oid) q(oid)
 WHERE s.schemaname <> ALL(%s) ORDER BY 1, 2
 """
 
@@ -268,7 +273,7 @@ WHERE ad.adrelid = ANY(%s::oid[]) ORDER BY 1, 2
 def sequences(ctx: Context) -> list[Finding]:
     selected = {s.qualified_name for s in catalog.sequences(ctx.source, ctx.filters)}
     findings = []
-    for schema, name, data_type, increment, minimum, maximum, last, owned in query(
+    for schema, name, data_type, increment, minimum, maximum, last, owned, readable in query(
             ctx.source, _SEQUENCES, (list(catalog.SYSTEM_SCHEMAS),)):
         qualified_name = f"{schema}.{name}"
         if qualified_name not in selected:
@@ -277,7 +282,9 @@ def sequences(ctx: Context) -> list[Finding]:
                                      "schemas, so the cutover does not move it on the target; select its schema if "
                                      "the application uses it", OPERATOR))
             continue
-        if increment < 0:
+        if not readable:
+            findings.append(_unreadable_sequence(ctx, qualified_name))
+        elif increment < 0:
             findings.append(block("sequences", f"{qualified_name}: descending (increment {increment}); the cutover "
                                   "only moves sequences forward: make it ascending or leave out its table"))
         elif data_type in ("smallint", "integer"):
@@ -287,6 +294,12 @@ def sequences(ctx: Context) -> list[Finding]:
             findings.append(block("sequences", f"{table}.{column}: its default uses sequence {schema}.{name}, which "
                                   "is not selected (the schema copy and the cutover miss it); select its schema"))
     return findings
+
+
+def _unreadable_sequence(ctx: Context, name: str) -> Finding:
+    admin = query(ctx.source, "SELECT current_user")[0][0]
+    return block("sequences", f"{name}: the admin role {admin} may not read it, so its headroom cannot be checked "
+                 f"and the cutover cannot move it; GRANT SELECT ON SEQUENCE {name} TO {admin} (as its owner)")
 
 
 def _headroom(ctx: Context, name: str, data_type: str, minimum: int, maximum: int, last: int | None) -> list[Finding]:
@@ -301,10 +314,13 @@ def _headroom(ctx: Context, name: str, data_type: str, minimum: int, maximum: in
 
 # --- source activity ---------------------------------------------------------------------------
 
+# Client sessions' transactions with writes, in every database: creating a logical slot waits until each
+# transaction running anywhere on the server has ended (the initial copy then waits only for this database's).
 _OLD_TRANSACTIONS = """
 SELECT pid, usename, datname, state, extract(epoch FROM now() - xact_start)::int
 FROM pg_stat_activity
-WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND xact_start < now() - make_interval(secs => %s)
+WHERE backend_type = 'client backend' AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+  AND xact_start < now() - make_interval(secs => %s)
 ORDER BY xact_start
 """
 
@@ -329,16 +345,16 @@ def existing_replication(ctx: Context) -> list[Finding]:
     ours = own_prefix(ctx)
     findings = [warn("existing_replication", f"publication {name}: not migrated; create it on the target and move "
                      "its subscribers there after cutover", OPERATOR)
-                for (name,) in query(ctx.source, "SELECT pubname FROM pg_publication WHERE pubname NOT LIKE %s "
-                                                 "ORDER BY 1", (ours + "%",))]
+                for (name,) in query(ctx.source, "SELECT pubname FROM pg_publication WHERE NOT starts_with(pubname, %s) "
+                                                 "ORDER BY 1", (ours,))]
     findings += [warn("existing_replication", f"subscription {name} (database {db}): not migrated; the target does "
                       "not receive its changes: create it on the target (copy_data = false) at cutover", OPERATOR)
                  for name, db in query(ctx.source, "SELECT s.subname, d.datname FROM pg_subscription s JOIN "
-                                                   "pg_database d ON d.oid = s.subdbid WHERE s.subname NOT LIKE %s "
-                                                   "ORDER BY 1", (ours + "%",))]
+                                                   "pg_database d ON d.oid = s.subdbid WHERE NOT starts_with(s.subname, %s) "
+                                                   "ORDER BY 1", (ours,))]
     slots = query(ctx.source, "SELECT slot_name, coalesce(plugin, ''), active FROM pg_replication_slots "
-                              "WHERE slot_type = 'logical' AND slot_name NOT LIKE %s AND slot_name NOT LIKE 'pgactive\\_%%' "
-                              "ORDER BY 1", (ours + "%",))
+                              "WHERE slot_type = 'logical' AND NOT starts_with(slot_name, %s) "
+                              "AND NOT starts_with(slot_name, 'pgactive_') ORDER BY 1", (ours,))
     findings += [warn("existing_replication", f"replication slot {name} (logical {plugin}, "
                       f"{'active' if active else 'inactive'}): stays on the old instance and holds its WAL; its "
                       "consumer must move to the target after cutover, then drop the slot", OPERATOR)
@@ -372,14 +388,26 @@ def decoding_work_mem(ctx: Context) -> list[Finding]:
 def collation_versions(ctx: Context) -> list[Finding]:
     """Collations whose recorded version differs from what the OS provides now: text indexes built under the old
     version may be out of order (a unique one may hold duplicates that then fail the initial copy)."""
-    findings = []
-    stale = _STALE_COLLATIONS if server_major(ctx.source) >= 15 else _STALE_COLLATIONS.split("UNION ALL")[1]
+    major = server_major(ctx.source)
+    findings = [] if major >= 15 else _default_collation_unversioned(ctx, major)
+    stale = _STALE_COLLATIONS if major >= 15 else _STALE_COLLATIONS.split("UNION ALL")[1]
     for collation, oid, recorded, actual, fix in query(ctx.source, stale):
         indexes = [i for (i,) in query(ctx.source, _INDEXES_USING, (oid, ctx.selected_oids))]
         if indexes:
             findings.append(warn("collations", f"collation {collation}: recorded version {recorded}, the OS provides "
                                  f"{actual}; REINDEX on the source: {_names(indexes)}; then {fix}", OPERATOR))
     return findings
+
+
+def _default_collation_unversioned(ctx: Context, major: int) -> list[Finding]:
+    """Before 15 the database's default collation records no version: a C library change under it goes unseen."""
+    collate = query(ctx.source, "SELECT datcollate FROM pg_database WHERE datname = current_database()")[0][0]
+    if collate in ("C", "POSIX"):
+        return []
+    return [warn("collations", f"database default collation {collate}: PostgreSQL {major} records no version for "
+                 "it, so a C library (glibc) change between the source's and the target's OS cannot be detected; "
+                 "REINDEX the text indexes on the target after cutover (or compare the two instances' OS libc "
+                 "versions first)", OPERATOR)]
 
 
 _STALE_COLLATIONS = """
@@ -420,14 +448,15 @@ DRIVER_NEEDS = {
 }
 
 _IN_USE = """
-SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name NOT LIKE %(ours)s),
+SELECT (SELECT count(*) FROM pg_replication_slots WHERE NOT starts_with(slot_name, %(ours)s)),
        (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'),
        (SELECT count(*) FROM pg_stat_activity WHERE backend_type <> ALL(%(core)s)),
        (SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'logical replication %%worker')
 """
-_CORE_PROCESSES = ["client backend", "autovacuum launcher", "autovacuum worker", "background writer", "checkpointer",
+_NOT_COUNTED_AS_WORKERS = ["client backend", "autovacuum launcher", "autovacuum worker", "background writer", "checkpointer",
                    "walwriter", "archiver", "startup", "walreceiver", "walsender", "logger", "standalone backend",
-                   "walsummarizer", "slotsync worker"]
+                   "walsummarizer", "slotsync worker",
+                   "parallel worker"]  # transient: a query's helpers, gone when it ends
 
 
 def source_capacity(ctx: Context) -> list[Finding]:
@@ -439,11 +468,15 @@ def target_capacity(ctx: Context) -> list[Finding]:
     return _capacity(ctx, ctx.target, "target", ctx.target_id, {})
 
 
+def capacity_in_use(connection, own_prefix: str) -> dict[str, int]:
+    """Each capacity setting's share in use now, the upgrade's own slots left out."""
+    return dict(zip(CAPACITY_SETTINGS, query(connection, _IN_USE, {"ours": own_prefix, "core": _NOT_COUNTED_AS_WORKERS})[0]))
+
+
 def _capacity(ctx: Context, connection, node: str, identifier: str, planned: dict) -> list[Finding]:
     limits = dict(query(connection, "SELECT name, setting::int FROM pg_settings WHERE name = ANY(%s)",
                         (list(CAPACITY_SETTINGS),)))
-    in_use = dict(zip(CAPACITY_SETTINGS, query(connection, _IN_USE, {"ours": own_prefix(ctx) + "%",
-                                                                     "core": _CORE_PROCESSES})[0]))
+    in_use = capacity_in_use(connection, own_prefix(ctx))
     findings = []
     for name, needed in DRIVER_NEEDS[ctx.driver][node].items():
         limit = max(limits[name], int(planned.get(name, 0)))
@@ -473,6 +506,26 @@ def extensions(ctx: Context) -> list[Finding]:
             for name, version in installed if name not in available]
 
 
+PRELOAD = "shared_preload_libraries"
+
+
+def preload_libraries(ctx: Context) -> list[Finding]:
+    """Libraries the source loads at start (pg_cron, pgaudit, pg_stat_statements...) that the target does not:
+    extensions using them fail there."""
+    missing = [lib for lib in _libraries(_setting(ctx.source, PRELOAD)) if lib not in _libraries(_setting(ctx.target, PRELOAD))]
+    return [block("preload_libraries", f"{lib}: in the source's {PRELOAD} but not loaded on {ctx.target_id}; add "
+                  f"{lib} to {PRELOAD} in parameter group {ctx.target_parameter_group} and reboot the target")
+            for lib in missing]
+
+
+def _setting(connection, name: str) -> str:
+    return query(connection, "SELECT current_setting(%s)", (name,))[0][0]
+
+
+def _libraries(value: str | None) -> list[str]:
+    return [lib.strip().strip('"') for lib in (value or "").split(",") if lib.strip().strip('"')]
+
+
 _LOCALE = """
 SELECT d.datcollate, d.datctype, coalesce(to_jsonb(d) ->> 'datlocprovider', 'c'),
        coalesce(to_jsonb(d) ->> 'datlocale', to_jsonb(d) ->> 'daticulocale', '')
@@ -492,7 +545,7 @@ def database_locale(ctx: Context) -> list[Finding]:
 
 _ROLE = """
 SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin, rolreplication, rolbypassrls,
-       rolconnlimit, rolvaliduntil::text,
+       rolconnlimit, extract(epoch FROM rolvaliduntil),  -- an instant, whatever the session's TimeZone
        ARRAY(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
              WHERE m.member = r.oid ORDER BY 1)
 FROM pg_roles r WHERE rolname = ANY(%s)
@@ -512,11 +565,18 @@ def roles(ctx: Context) -> list[Finding]:
             findings.append(block("roles", f"role {name} does not exist on {ctx.target_id}; create it there with the "
                                   "source's attributes, memberships and password"))
             continue
-        differ = [f"{f} {s} vs {t}" for f, s, t in zip(_ROLE_FIELDS, source[name], target[name]) if s != t]
+        differ = [f"{f} {_shown(f, s)} vs {_shown(f, t)}" for f, s, t in zip(_ROLE_FIELDS, source[name], target[name])
+                  if s != t]
         if differ:
             findings.append(block("roles", f"role {name} differs on {ctx.target_id}: {', '.join(differ)} (source vs "
                                   "target); ALTER ROLE / GRANT it there to match"))
     return findings
+
+
+def _shown(field: str, value):
+    if field == "VALID UNTIL" and value is not None and math.isfinite(value):
+        return datetime.fromtimestamp(float(value), timezone.utc).isoformat()
+    return value
 
 
 # --- the tooling and the application roles -----------------------------------------------------
@@ -543,6 +603,36 @@ def fenceable_roles(ctx: Context) -> list[Finding]:
             for problem in fencing.fenceability_problems(ctx.source, ctx.application_roles)]
 
 
+def parameter_findings(source_custom: dict[str, str], target: dict[str, str], driver_sets: dict[str, str],
+                       source_group: str, target_group: str) -> list[Finding]:
+    """The source's custom parameters against the target's group (which carries the driver's settings)."""
+    own = {k: v for k, v in source_custom.items() if k not in driver_sets and k != PRELOAD}
+    overridden = {k: v for k, v in source_custom.items() if k in driver_sets}
+    return (preload_parameter(source_custom, target, source_group, target_group)
+            + parameter_differences(own, target, target_group) + driver_overrides(overridden, target, target_group))
+
+
+def preload_parameter(source_custom: dict[str, str], target: dict[str, str], source_group: str,
+                      target_group: str) -> list[Finding]:
+    """Before the target runs: the libraries the source's group preloads that the target's group does not."""
+    missing = [lib for lib in _libraries(source_custom.get(PRELOAD)) if lib not in _libraries(target.get(PRELOAD))]
+    return [block("preload_libraries", f"{lib}: {PRELOAD} of {source_group} has it, {target_group} does not "
+                  f"(extensions using it fail on the target); add {lib} to {PRELOAD} in {target_group} (create the "
+                  "group with the target's family before provision_target if it does not exist)")
+            for lib in missing]
+
+
+def driver_overrides(source_values: dict[str, str], target: dict[str, str], target_group: str) -> list[Finding]:
+    """Parameters the driver sets on the target's group that the source sets to another value itself."""
+    differ = {k: v for k, v in sorted(source_values.items()) if target.get(k) != v}
+    if not differ:
+        return []
+    listed = ", ".join(f"{k}: source {v}, target {target.get(k, 'default')}" for k, v in differ.items())
+    return [warn("parameters", f"parameters the upgrade sets on {target_group} that the source sets otherwise: "
+                 f"{listed}; set the source's value there after cutover if the workload needs it (the driver's "
+                 "steps reset them until then)", OPERATOR)]
+
+
 def parameter_differences(source_custom: dict[str, str], target: dict[str, str], target_group: str) -> list[Finding]:
     """The source's custom parameters that the target's group does not carry."""
     differ = {name: value for name, value in sorted(source_custom.items()) if target.get(name) != value}
@@ -559,7 +649,7 @@ SOURCE_CHECKS: list[Check] = [
     open_transactions, prepared_transactions, existing_replication, decoding_work_mem, collation_versions,
     source_capacity, fenceable_roles, target_reachable,
 ]
-TARGET_CHECKS: list[Check] = [extensions, database_locale, roles, target_capacity]
+TARGET_CHECKS: list[Check] = [extensions, preload_libraries, database_locale, roles, target_capacity]
 
 
 def checks_for(context: Context) -> list[Check]:

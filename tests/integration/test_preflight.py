@@ -3,10 +3,15 @@ on the target; DDL on the source after the schema copy is named by the health ch
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import closing
+import threading
 import time
 
+import psycopg2
 import pytest
 
+from pgactive_upgrade import preflight
 from pgactive_upgrade.upgrade import PreflightError
 from tests.integration.integration_parts import replicating, upgrade_of
 from topology.hostile import Hostile
@@ -37,7 +42,9 @@ def _give_the_source_a_custom_parameter(rds) -> None:
     rds.create_db_parameter_group(DBParameterGroupName="orders-db-tuned", DBParameterGroupFamily="postgres15",
                                   Description="tuned")
     rds.modify_db_parameter_group(DBParameterGroupName="orders-db-tuned", Parameters=[
-        {"ParameterName": "work_mem", "ParameterValue": "65536", "ApplyMethod": "immediate"}])
+        {"ParameterName": "work_mem", "ParameterValue": "65536", "ApplyMethod": "immediate"},
+        {"ParameterName": "max_worker_processes", "ParameterValue": "32", "ApplyMethod": "pending-reboot"},
+        {"ParameterName": "shared_preload_libraries", "ParameterValue": "pg_cron", "ApplyMethod": "pending-reboot"}])
     rds.modify_db_instance(DBInstanceIdentifier="orders-db", DBParameterGroupName="orders-db-tuned",
                            ApplyImmediately=True)
 
@@ -56,6 +63,8 @@ BLOCKED = {
     "replication slot capacity": "orders-db: max_replication_slots is 20 with 18 in use",
     "extension missing on the target": "extension adminpack",
     "role missing on the target": "role hostile_app does not exist on orders-db-pg17",
+    "library the target's group does not preload": "pg_cron: shared_preload_libraries of orders-db-tuned has it, "
+                                                   "orders-db-pg17-native does not",
 }
 
 WARNED = {
@@ -74,6 +83,7 @@ WARNED = {
     "collation refresh": "ALTER COLLATION hostile.german REFRESH VERSION",
     "index to reindex": "REINDEX on the source: hostile.names_by_name",
     "source's custom parameter": "work_mem=65536 (target: default)",
+    "source's value of a parameter the driver sets": "max_worker_processes: source 32, target 16",
 }
 
 
@@ -147,3 +157,86 @@ def test_install_refuses_a_target_without_the_application_roles(build):
     finally:
         with topo.old_pg.connect() as source, source.cursor() as cursor:
             cursor.execute("DROP ROLE stray_app")
+
+
+def _context(upgrade, source, target=None, application_roles=()) -> preflight.Context:
+    """The checks' context on the given connections (another role's, another session's settings)."""
+    return preflight.Context(source=source, request=upgrade.request, tables=[], source_info=upgrade.source,
+                             replication_user="replicator", application_roles=list(application_roles),
+                             target=target, target_id=upgrade.target_id)
+
+
+def test_roles_valid_until_compares_the_instant_whatever_each_session_s_time_zone(build):
+    topo, make = build
+    for server in (topo.old_pg, topo.new_pg):
+        with server.connect() as connection, connection.cursor() as cursor:
+            cursor.execute("CREATE ROLE expiring_app LOGIN VALID UNTIL '2031-01-01 00:00:00+00'")
+    try:
+        with topo.old_pg.connect(dbname="app") as source, topo.new_pg.connect(dbname="app") as target:
+            source.cursor().execute("SET TimeZone = 'UTC'")
+            target.cursor().execute("SET TimeZone = 'Asia/Tokyo'")
+            assert preflight.roles(_context(make(), source, target, ["expiring_app"])) == []
+            target.cursor().execute("ALTER ROLE expiring_app VALID UNTIL '2031-01-02 00:00:00+00'")
+            found = preflight.roles(_context(make(), source, target, ["expiring_app"]))
+        assert [f.message for f in found] == [
+            "role expiring_app differs on orders-db-pg17: VALID UNTIL 2031-01-01T00:00:00+00:00 vs "
+            "2031-01-02T00:00:00+00:00 (source vs target); ALTER ROLE / GRANT it there to match"]
+    finally:
+        for server in (topo.old_pg, topo.new_pg):
+            with server.connect() as connection, connection.cursor() as cursor:
+                cursor.execute("DROP ROLE expiring_app")
+
+
+def test_a_sequence_the_admin_may_not_read_blocks_naming_the_grant(build):
+    topo, make = build
+    with topo.old_pg.connect(dbname="app") as owner, owner.cursor() as cursor:
+        cursor.execute("CREATE SEQUENCE public.invoice_numbers AS integer")
+        cursor.execute("SELECT setval('public.invoice_numbers', 2100000000)")  # near its end: unseen when unreadable
+        cursor.execute("GRANT USAGE ON SCHEMA public TO app")
+    with topo.old_pg.connect(user="app", dbname="app") as not_superuser:
+        found = preflight.sequences(_context(make(), not_superuser))
+    assert preflight.block("sequences", "public.invoice_numbers: the admin role app may not read it, so its headroom "
+                           "cannot be checked and the cutover cannot move it; GRANT SELECT ON SEQUENCE "
+                           "public.invoice_numbers TO app (as its owner)") in found
+
+
+def test_parallel_query_workers_do_not_count_against_max_worker_processes(build):
+    topo, make = build
+    # closing(), not the connection's own `with`, which would hold a transaction (and its pg_stat_activity snapshot)
+    with closing(topo.old_pg.connect(dbname="app")) as busy, closing(topo.old_pg.connect(dbname="app")) as admin:
+        idle = preflight.capacity_in_use(admin, "pgu_")
+        with _parallel_query_running(busy, admin):
+            during = preflight.capacity_in_use(admin, "pgu_")
+    assert during["max_worker_processes"] == idle["max_worker_processes"]
+
+
+@contextlib.contextmanager
+def _parallel_query_running(busy, watcher):
+    """A query on `busy` with parallel workers, running (asynchronously) while the block runs."""
+    with busy.cursor() as cursor:
+        cursor.execute("SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0; "
+                       "SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0; SET force_parallel_mode = on")
+    worker = threading.Thread(target=_ignore_cancel,
+                              args=(busy, "SELECT count(*) FROM public.orders WHERE pg_sleep(0.01) IS NOT NULL"))
+    worker.start()
+    try:
+        _wait_for(watcher, "SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'parallel worker'")
+        yield
+    finally:
+        busy.cancel()
+        worker.join()
+
+
+def _ignore_cancel(connection, statement: str) -> None:
+    try:
+        connection.cursor().execute(statement)
+    except psycopg2.errors.QueryCanceled:
+        pass
+
+
+def _wait_for(connection, condition: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while cursor.execute(condition) or not cursor.fetchone()[0]:
+            assert time.monotonic() < deadline, f"still false after {timeout} s: {condition}"
+            time.sleep(0.05)
