@@ -16,6 +16,7 @@ from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import DRIVERS, Lag, Link, Node, ReplicationDriver, driver_for
+from pgactive_upgrade.replication.base import HealthLimits
 from pgactive_upgrade.rollback import Rollback
 from pgactive_upgrade.switch_state import CUTOVER, DETACH, SwitchState
 from pgactive_upgrade.tools import find_program
@@ -96,6 +97,8 @@ class Upgrade:
         """One driver per Upgrade (one task): building it describes the target and lists the source's tables."""
         if self._driver is None:
             self._driver = driver_for(self.request.replication_driver, self.link())
+            self._driver.health_limits = HealthLimits(self.request.lag_threshold_bytes,
+                                                      self.request.max_open_transaction_seconds)
         return self._driver
 
     def controller(self, target: rds.InstanceInfo | None = None) -> TrafficController:

@@ -240,3 +240,61 @@ def _wait_for(connection, condition: str, timeout: float = 10) -> None:
         while cursor.execute(condition) or not cursor.fetchone()[0]:
             assert time.monotonic() < deadline, f"still false after {timeout} s: {condition}"
             time.sleep(0.05)
+
+
+def test_a_long_write_transaction_in_the_source_database_with_lag_under_the_threshold_is_healthy(build):
+    topo, make = build
+    upgrade = replicating(make(max_open_transaction_seconds=1), in_sync=True)
+    with closing(_open_write_transaction(topo)):
+        time.sleep(1.5)  # older than max_open_transaction_seconds
+        problems, lag = upgrade.health_check()
+    assert lag.bytes <= upgrade.request.lag_threshold_bytes
+    assert problems == []
+
+
+def test_lag_above_the_threshold_names_the_long_write_transaction_in_the_source_database(build):
+    topo, make = build
+    upgrade = replicating(make(max_open_transaction_seconds=1, lag_threshold_bytes=0), in_sync=True)
+    with topo.new_pg.connect(dbname="app") as target, target.cursor() as cursor:
+        cursor.execute(f"ALTER SUBSCRIPTION {upgrade.key}_fwd DISABLE")  # the apply stops: lag builds up
+    with closing(_open_write_transaction(topo)) as holder:
+        time.sleep(1.5)
+        pid = holder.get_backend_pid()
+        problems, _ = upgrade.health_check()
+    assert any(f"likely cause: the transaction of pid {pid} (app) open with writes" in p
+               and f"pg_terminate_backend({pid})" in p for p in problems), problems
+
+
+def _open_write_transaction(topo):
+    """A client transaction with a write, left open (the caller closes the connection)."""
+    connection = topo.old_pg.connect(user="app", dbname="app", autocommit=False)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE public.orders SET amount = amount WHERE id = (SELECT min(id) FROM public.orders)")
+    return connection
+
+
+def test_a_nullable_column_added_on_the_target_first_is_not_a_problem_but_one_required_there_is(build):
+    topo, make = build
+    upgrade = replicating(make(), in_sync=True)
+    with topo.new_pg.connect(dbname="app") as target, target.cursor() as cursor:
+        cursor.execute("ALTER TABLE public.orders ADD COLUMN coupon text")
+    assert upgrade.driver().schema_problems() == []
+
+    with topo.new_pg.connect(dbname="app") as target, target.cursor() as cursor:
+        cursor.execute("ALTER TABLE public.orders ADD COLUMN channel text NOT NULL DEFAULT 'web', "
+                       "ADD COLUMN region text NOT NULL DEFAULT 'eu'; "
+                       "ALTER TABLE public.orders ALTER COLUMN region DROP DEFAULT")
+    assert upgrade.driver().schema_problems() == [
+        "DDL after the schema copy: public.orders: column region (text) exists on the target only and is NOT NULL "
+        "without a default: rows from the source are refused; give it a default or add it on the source"]
+
+
+def test_a_table_created_on_both_nodes_after_the_build_is_named_until_published(build):
+    topo, make = build
+    replicating(make(), in_sync=True)
+    for server in (topo.old_pg, topo.new_pg):
+        with server.connect(dbname="app") as connection, connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE public.coupons (id int PRIMARY KEY); GRANT SELECT ON public.coupons TO replicator")
+    upgrade = make()  # a later task: its tables read afresh from the source
+    problems, _ = upgrade.health_check()
+    assert any(p.startswith("public.coupons: selected but not in publication pgu_orders_db") for p in problems), problems

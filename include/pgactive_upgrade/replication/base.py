@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -12,6 +13,7 @@ from pgactive_upgrade import schema_drift
 from pgactive_upgrade.catalog import META_SCHEMA, Table
 from pgactive_upgrade.config import slug
 from pgactive_upgrade.db import Credentials, Endpoint, connected, execute, qualified, query
+from pgactive_upgrade.events import emit
 
 MARKER_TABLE = "cutover_marker"
 
@@ -55,9 +57,17 @@ class Lag:
         return self.synced and self.bytes is not None and self.bytes <= threshold
 
 
+@dataclass(frozen=True)
+class HealthLimits:
+    """What the health checks hold replication to (the request's settings of the same names)."""
+    lag_threshold_bytes: int = 1 << 20
+    max_open_transaction_seconds: int = 300
+
+
 class ReplicationDriver(ABC):
     name: ClassVar[str]
     active_active: ClassVar[bool]
+    health_limits: HealthLimits = HealthLimits()
 
     def __init__(self, link: Link):
         self.link = link
@@ -102,16 +112,25 @@ class ReplicationDriver(ABC):
 
     def problems(self) -> list[str]:
         """Health problems of the replication right now; empty when healthy."""
-        lag = self.lag()
-        problems = [] if lag.bytes is not None else [f"replication lag unknown: {lag.detail}"]
-        return problems + self.schema_problems()
+        return self.lag_problems(self.lag()) + self.schema_problems()
+
+    def lag_problems(self, lag: Lag) -> list[str]:
+        return [] if lag.bytes is not None else [f"replication lag unknown: {lag.detail}"]
+
+    def publishing_nodes(self) -> set[str]:
+        """The nodes whose changes replicate to the other now: "source", "target" or both."""
+        return {"source", "target"}
 
     def schema_problems(self) -> list[str]:
-        """DDL made on one node after the schema copy (no driver replicates DDL)."""
+        """DDL made on one node after the schema copy (no driver replicates DDL) that breaks the apply; drift that
+        does not (a nullable column added on the receiving node first) is logged as a warning."""
         tables = list(self.link.tables)
         with self.source() as source, self.target() as target:
-            drift = schema_drift.differences(schema_drift.columns(source, tables), schema_drift.columns(target, tables))
-        return [f"DDL after the schema copy: {d}; make the same change on the other node" for d in drift]
+            drift = schema_drift.differences(schema_drift.columns(source, tables), schema_drift.columns(target, tables),
+                                             self.publishing_nodes())
+        for warning in [d for d in drift if not d.breaks_apply]:
+            emit("schema_drift_warning", log_level=logging.WARNING, detail=f"DDL after the schema copy: {warning.message}")
+        return [f"DDL after the schema copy: {d.message}" for d in drift if d.breaks_apply]
 
     def ensure_marker_table(self, connection) -> None:
         execute(connection, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(META_SCHEMA)))

@@ -14,7 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from pgactive_upgrade.catalog import META_SCHEMA, missing_tables, user_tables
-from pgactive_upgrade.db import conninfo, connected, execute, qualified, query, server_major
+from pgactive_upgrade.db import conninfo, execute, qualified, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication.base import MARKER_TABLE, Lag, ReplicationDriver, ReplicationError
 from pgactive_upgrade.tools import find_program
@@ -71,9 +71,10 @@ class NativeDriver(ReplicationDriver):
         copied = self.copy_schema()
         with self.source() as source:
             self._ensure_publication(source, self.link.key)
+            source_major = server_major(source)
         with self.target() as target:
             created = self._ensure_subscription(
-                target, self.forward, self.link.source, self.link.key, copy_data=True, create_slot=True
+                target, self.forward, self.link.source, self.link.key, source_major, copy_data=True, create_slot=True
             )
         return {"schema_copied": copied, "publication": self.link.key, "subscription": self.forward, "created": created}
 
@@ -141,15 +142,17 @@ class NativeDriver(ReplicationDriver):
         verb = "ALTER PUBLICATION {} SET TABLE {}" if exists else "CREATE PUBLICATION {} FOR TABLE {}"
         execute(connection, sql.SQL(verb).format(sql.Identifier(name), sql.SQL(", ").join(self._published())))
 
-    def _ensure_subscription(self, connection, name, publisher, publication, *, copy_data, create_slot) -> bool:
+    def _ensure_subscription(self, connection, name, publisher, publication, publisher_major: int, *, copy_data,
+                             create_slot) -> bool:
+        """publisher_major: read by the caller on a connection it already has (the reverse one is made in the
+        cutover: no extra connection there)."""
         if query(connection, "SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)):
             return False
         options = sql.SQL("copy_data = {}, create_slot = {}, slot_name = {}").format(
             sql.Literal(copy_data), sql.Literal(create_slot), sql.Literal(name)
         )
-        with connected(publisher.endpoint, self.link.admin) as on_publisher:
-            if streams_in_progress(server_major(connection), server_major(on_publisher)):
-                options += sql.SQL(", streaming = on")
+        if streams_in_progress(server_major(connection), publisher_major):
+            options += sql.SQL(", streaming = on")
         keep_statement_out_of_server_log(connection)
         execute(
             connection,
@@ -200,16 +203,45 @@ class NativeDriver(ReplicationDriver):
         return max(0, rows[0][0]) if rows and rows[0][0] is not None else None
 
     def problems(self) -> list[str]:
-        return super().problems() + self._transactions_holding_apply()
+        return super().problems() + self._unpublished_tables()
 
-    def _transactions_holding_apply(self) -> list[str]:
+    def publishing_nodes(self) -> set[str]:
+        with self.target() as target:
+            return {"source"} if self._subscribed(target, self.forward) else {"target"}
+
+    def lag_problems(self, lag: Lag) -> list[str]:
+        return super().lag_problems(lag) + self._open_transaction_behind(lag)
+
+    def _open_transaction_behind(self, lag: Lag) -> list[str]:
+        """An open transaction does not hold back the others' apply (each is sent at its commit, a large one
+        streams): only when replication lags is the publisher's oldest write transaction, if it is in this
+        database and older than max_open_transaction_seconds, named as the likely cause."""
+        limits = self.health_limits
+        if lag.bytes is None or lag.bytes <= limits.lag_threshold_bytes:
+            return []
+        publisher = self.source() if lag.detail.get("direction") == "forward" else self.target()
+        with publisher as connection:
+            oldest = query(connection, _OLDEST_WRITE_TRANSACTION)
+        if not oldest or not oldest[0][3] or oldest[0][2] <= limits.max_open_transaction_seconds:
+            return []
+        pid, user, age, _ = oldest[0]
+        return [f"replication lags {lag.bytes} bytes; likely cause: the transaction of pid {pid} ({user}) open with "
+                f"writes for {age} s in this database (over max_open_transaction_seconds "
+                f"{limits.max_open_transaction_seconds}); end it (pg_terminate_backend({pid})) or let it commit"]
+
+    def _unpublished_tables(self) -> list[str]:
+        """Selected tables created after the build (on both nodes) that the forward publication does not carry."""
         with self.source() as source:
-            rows = query(source, "SELECT pid, usename, extract(epoch FROM now() - xact_start)::int FROM pg_stat_activity "
-                                 "WHERE backend_xid IS NOT NULL AND backend_type = 'client backend' "
-                                 "AND xact_start < now() - make_interval(secs => %s) ORDER BY xact_start",
-                         (HOLDING_SECONDS,))
-        return [f"source transaction of pid {pid} ({user}) open for {age} s holds the apply back: the target applies "
-                "it only when it commits; end it or wait" for pid, user, age in rows]
+            published = {row[0] for row in query(
+                source, "SELECT n.nspname || '.' || c.relname FROM pg_publication_rel r JOIN pg_publication p ON "
+                        "p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid JOIN pg_namespace n ON "
+                        "n.oid = c.relnamespace WHERE p.pubname = %s", (self.link.key,))}
+        if not published:  # not built yet
+            return []
+        return [f"{t.qualified_name}: selected but not in publication {self.link.key} (created after the build), so "
+                f"its rows are not replicated; ALTER PUBLICATION {self.link.key} ADD TABLE {t.qualified_name} on the "
+                f"source, then ALTER SUBSCRIPTION {self.forward} REFRESH PUBLICATION on the target"
+                for t in self.link.tables if t.qualified_name not in published]
 
     def before_fence(self) -> None:
         """The reverse publication without a slot captures nothing yet: safe to create before the fence."""
@@ -232,9 +264,10 @@ class NativeDriver(ReplicationDriver):
     def after_switch(self) -> dict:
         with self.target() as target:
             self._drop_subscription(target, self.forward)
+            target_major = server_major(target)
         with self.source() as source:
             created = self._ensure_subscription(
-                source, self.reverse, self.link.target, self.reverse, copy_data=False, create_slot=False
+                source, self.reverse, self.link.target, self.reverse, target_major, copy_data=False, create_slot=False
             )
         return {"forward_dropped": self.forward, "reverse_subscription": self.reverse, "created": created}
 
@@ -281,8 +314,13 @@ WHERE t.level > 0
 ORDER BY 1, 2
 """
 
-# A source transaction with writes open this long holds the apply back: the target applies it only at its commit.
-HOLDING_SECONDS = 300
+# The oldest client transaction with writes on the server: (pid, user, age in s, in this database).
+_OLDEST_WRITE_TRANSACTION = """
+SELECT pid, usename, extract(epoch FROM now() - xact_start)::int, datname = current_database()
+FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+ORDER BY xact_start LIMIT 1
+"""
 
 
 def streams_in_progress(subscriber_major: int, publisher_major: int) -> bool:
