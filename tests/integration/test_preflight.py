@@ -11,7 +11,7 @@ import time
 import psycopg2
 import pytest
 
-from pgactive_upgrade import preflight
+from pgactive_upgrade import matviews, preflight
 from pgactive_upgrade.upgrade import PreflightError
 from tests.integration.integration_parts import replicating, upgrade_of
 from topology.hostile import Hostile
@@ -133,6 +133,23 @@ def test_materialized_views_are_refreshed_on_the_target_dependencies_first(build
         on_source.execute(digest)
         on_target.execute(digest)
         assert on_target.fetchone() == on_source.fetchone()
+
+
+def test_a_materialized_view_reading_another_through_a_plain_view_is_refreshed_after_it(build):
+    topo, make = build
+    with closing(topo.old_pg.connect(dbname="app")) as connection:
+        with connection.cursor() as cursor:  # by name, a_ would come first
+            cursor.execute("""
+                CREATE MATERIALIZED VIEW public.b_account_totals AS
+                    SELECT account_id, sum(amount) AS total FROM public.orders GROUP BY 1 WITH NO DATA;
+                CREATE VIEW public.big_accounts AS SELECT * FROM public.b_account_totals WHERE total > 0;
+                CREATE MATERIALIZED VIEW public.a_big_account_count AS SELECT count(*) FROM public.big_accounts
+                    WITH NO DATA""")
+        refreshed = matviews.refresh_all(connection, make().request.filters)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) > 0 FROM public.a_big_account_count")
+            assert cursor.fetchone() == (True,)
+    assert refreshed == ["public.b_account_totals", "public.a_big_account_count"]
 
 
 def test_ddl_on_the_source_after_the_schema_copy_is_named_by_the_health_check(build):
