@@ -36,7 +36,7 @@ def refresh_all(connection, filters: Filters) -> list[str]:
     views = {oid: (schema, name, concurrent) for oid, schema, name, concurrent
              in query(connection, _VIEWS, (list(SYSTEM_SCHEMAS),)) if filters.selects(schema, name)}
     refreshed = []
-    for oid in TopologicalSorter(_matviews_read(connection, set(views))).static_order():
+    for oid in TopologicalSorter(_matviews_read(connection, list(views))).static_order():
         schema, name, concurrent = views[oid]
         verb = "REFRESH MATERIALIZED VIEW CONCURRENTLY {}" if concurrent else "REFRESH MATERIALIZED VIEW {}"
         execute(connection, sql.SQL(verb).format(qualified(schema, name)))
@@ -44,12 +44,13 @@ def refresh_all(connection, filters: Filters) -> list[str]:
     return refreshed
 
 
-def _matviews_read(connection, matviews: set[int]) -> dict[int, set[int]]:
-    """Each materialized view -> the materialized views (of `matviews`) it reads, directly or through plain views."""
+def _matviews_read(connection, matviews: list[int]) -> dict[int, set[int]]:
+    """Each materialized view -> the materialized views (of `matviews`) it reads, directly or through plain views;
+    in the order of `matviews`."""
     reads: dict[int, set[int]] = {}
     for reader, source in query(connection, _READS_FROM):
         reads.setdefault(reader, set()).add(source)
-    return {oid: _through_views(oid, reads, matviews) for oid in matviews}
+    return {oid: _through_views(oid, reads, set(matviews)) for oid in matviews}
 
 
 def _through_views(start: int, reads: dict[int, set[int]], matviews: set[int]) -> set[int]:
