@@ -1,5 +1,10 @@
 """A real local Airflow 3.3 (api-server, scheduler, triggerer, dag-processor) for the demo and tests.
 
+By default: SQLite and the LocalExecutor. Options for the scale-out path: a PostgreSQL metadata database
+(``metadata_db``, see topology.airflow_metadb) and, on it, the Celery executor (``celery_broker_port``): our own
+Redis (topology.redis) in ``<home>/redis`` as the broker, the result backend on the metadata database, and an
+``airflow celery worker`` managed like the other components; Redis stops with the rest.
+
 Each component runs as a background process in its own session, with a pidfile ("pid start-time")
 and a log file in ``<home>/run/``; everything a component starts (executor workers, task processes,
 trigger runners) stays in that session, which is how stop() finds it. Only stdlib here: importing
@@ -26,9 +31,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
+
+from topology.redis import RedisServer
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +47,8 @@ COMPONENTS: dict[str, list[str]] = {
     "triggerer": ["triggerer", "--skip-serve-logs"],
     "dag-processor": ["dag-processor"],
 }
+CELERY_WORKER = "celery-worker"
+CELERY_WORKER_ARGV = ["celery", "worker", "--skip-serve-logs", "--concurrency", "4"]
 HEALTH_KEYS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 FINAL_RUN_STATES = {"success", "failed"}
 # Task log events that exist only when a task really went through state "deferred" (see saw_deferred).
@@ -58,6 +68,19 @@ class AirflowApiError(RuntimeError):
         self.body = body
 
 
+@dataclass(frozen=True)
+class PostgresMetadataDb:
+    host: str
+    port: int
+    dbname: str
+    user: str
+    password: str = field(repr=False)
+
+    def url(self, scheme: str = "postgresql+psycopg2") -> str:
+        credentials = f"{_q(self.user)}:{_q(self.password)}"
+        return f"{scheme}://{credentials}@{self.host}:{self.port}/{_q(self.dbname)}"
+
+
 class LocalAirflow:
     def __init__(
         self,
@@ -67,7 +90,11 @@ class LocalAirflow:
         port: int,
         extra_env: dict[str, str] | None = None,
         python_paths: Iterable[Path] = (),
+        metadata_db: PostgresMetadataDb | None = None,
+        celery_broker_port: int | None = None,
     ):
+        if celery_broker_port and not metadata_db:
+            raise ValueError("the Celery executor keeps its results in the metadata database: give metadata_db too")
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
         self.plugins_folder = Path(plugins_folder).resolve()
@@ -78,6 +105,10 @@ class LocalAirflow:
         self._token: str | None = None
         self._token_time = 0.0
         self._processes: list[subprocess.Popen] = []
+        self.metadata_db = metadata_db
+        # Always known, so stop() finds a broker started earlier; started only with celery_broker_port.
+        self.redis = RedisServer(self.home / "redis", celery_broker_port or 0)
+        self.celery = bool(celery_broker_port)
 
     # ----- properties -------------------------------------------------------------------------
 
@@ -107,6 +138,16 @@ class LocalAirflow:
     def pid_path(self, component: str) -> Path:
         return self.run_dir / f"{component}.pid"
 
+    @property
+    def components(self) -> dict[str, list[str]]:
+        """What start() runs: the four components, plus the Celery worker with the Celery executor."""
+        return {**COMPONENTS, CELERY_WORKER: CELERY_WORKER_ARGV} if self.celery else dict(COMPONENTS)
+
+    @staticmethod
+    def _any_component() -> list[str]:
+        """Every component an earlier start may have left a pidfile for (stop() ends them all)."""
+        return [*COMPONENTS, CELERY_WORKER]
+
     # ----- environment ------------------------------------------------------------------------
 
     def env(self) -> dict[str, str]:
@@ -128,17 +169,12 @@ class LocalAirflow:
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.plugins_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__AUTH_MANAGER": (
                 "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
             ),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            # Four processes write to SQLite: wait for locks longer than the 5 s default.
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
-                f"sqlite:///{self.sqlite_path}?timeout={SQLITE_LOCK_TIMEOUT}"
-            ),
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.url,
@@ -149,8 +185,25 @@ class LocalAirflow:
             "AIRFLOW__CORE__PARALLELISM": "8",  # LocalExecutor forks this many workers up front
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
         }
+        env.update(self._database_env())
+        env.update(self._executor_env())
         env.update(self.extra_env)
         return env
+
+    def _database_env(self) -> dict[str, str]:
+        if self.metadata_db:
+            return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.metadata_db.url()}
+        # Four processes write to SQLite: wait for locks longer than the 5 s default.
+        return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.sqlite_path}?timeout={SQLITE_LOCK_TIMEOUT}"}
+
+    def _executor_env(self) -> dict[str, str]:
+        if not self.celery:
+            return {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}
+        return {
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CELERY__BROKER_URL": self.redis.url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": self.metadata_db.url("db+postgresql+psycopg2"),
+        }
 
     def _jwt_secret(self) -> str:
         # Stable across restarts so tokens and running task identities stay valid.
@@ -175,9 +228,11 @@ class LocalAirflow:
         self.home.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_admin_password()
+        if self.celery:
+            self.redis.ensure_running()
         self._migrate_db_once()
         spawned_at = datetime.now(timezone.utc)
-        for component in COMPONENTS:
+        for component in self.components:
             self._spawn(component)
         try:
             self._wait_healthy(timeout, since=spawned_at)
@@ -193,9 +248,10 @@ class LocalAirflow:
         tasks too: the scheduler waits for them). A task process only runs on_kill() on SIGTERM
         and keeps going (Airflow itself SIGKILLs it 5 s later), so what is left of the children
         after TASK_GRACE_SECONDS gets SIGKILL. The api-server goes last because task processes
-        report their end through it. SIGKILL for anything left after STOP_GRACE_SECONDS.
+        report their end through it. SIGKILL for anything left after STOP_GRACE_SECONDS. The Celery
+        worker counts as one of the first group; its broker (Redis) stops last.
         """
-        sessions = {c: pid for c in COMPONENTS if (pid := self._read_pid(c))}
+        sessions = {c: pid for c in self._any_component() if (pid := self._read_pid(c))}
         api_session = {sessions.pop("api-server")} if "api-server" in sessions else set()
         worker_sessions = set(sessions.values())
         leaders = worker_sessions | api_session
@@ -208,7 +264,8 @@ class LocalAirflow:
         self._terminate(worker_sessions | api_session, signal.SIGKILL, 5, reason="stop grace")
 
         self._reap_children()
-        for component in COMPONENTS:
+        self.redis.stop()
+        for component in self._any_component():
             self.pid_path(component).unlink(missing_ok=True)
         self._token = None
 
@@ -248,31 +305,34 @@ class LocalAirflow:
 
     def processes(self) -> list[int]:
         """Live processes of this instance: the components and everything they started."""
-        sessions = {pid for c in COMPONENTS if (pid := self._read_pid(c))}
+        sessions = {pid for c in self._any_component() if (pid := self._read_pid(c))}
         return self._stray_processes(sessions)
 
     def status(self) -> dict:
         components = {}
-        for component in COMPONENTS:
+        for component in self.components:
             pid = self._read_pid(component)
             components[component] = {"pid": pid, "alive": self._leader_alive(component)}
         api_alive = components["api-server"]["alive"]
         return {"url": self.url, "components": components, "health": self._health() if api_alive else None}
 
     def _migrate_db_once(self) -> None:
+        """SQLite: once per home. PostgreSQL: at every start (the database may have been reset apart from the
+        home; migrating a current database is a no-op)."""
         marker = self.run_dir / "db_migrated"
-        if marker.exists() and self.sqlite_path.exists():
+        if marker.exists() and self.sqlite_path.exists() and not self.metadata_db:
             return
         with open(self.run_dir / "db-migrate.log", "ab") as log_file:
             subprocess.run(
                 ["airflow", "db", "migrate"], env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
                 check=True, cwd=self.home, timeout=600,
             )
-        _use_write_ahead_log(self.sqlite_path)
+        if not self.metadata_db:
+            _use_write_ahead_log(self.sqlite_path)
         marker.write_text("ok\n")
 
     def _spawn(self, component: str) -> None:
-        argv = ["airflow", *COMPONENTS[component]]
+        argv = ["airflow", *self.components[component]]
         if component == "api-server":
             argv += ["--port", str(self.port)]
         with open(self.log_path(component), "ab") as log_file:
@@ -287,14 +347,14 @@ class LocalAirflow:
     def _wait_healthy(self, timeout: float, since: datetime) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            dead = [c for c in COMPONENTS if not self._leader_alive(c)]
+            dead = [c for c in self.components if not self._leader_alive(c)]
             if dead:
                 raise RuntimeError(f"Airflow component(s) {dead} exited during start\n{self._log_tails(dead)}")
             if self._healthy(since) and self._answers_with_our_password():
                 return
             time.sleep(0.5)
         raise TimeoutError(
-            f"Airflow not healthy after {timeout}s: {self._health()}\n{self._log_tails(list(COMPONENTS))}"
+            f"Airflow not healthy after {timeout}s: {self._health()}\n{self._log_tails(list(self.components))}"
         )
 
     def _health(self) -> dict | None:
@@ -330,7 +390,8 @@ class LocalAirflow:
             return False
 
     def _all_alive(self) -> bool:
-        return all(self._leader_alive(c) for c in COMPONENTS)
+        alive = all(self._leader_alive(c) for c in self.components)
+        return alive and (self.redis.is_running() or not self.celery)
 
     def _ensure_port_free(self) -> None:
         with socket.socket() as probe:

@@ -14,6 +14,7 @@ class Ports:
     haproxy_read: int
     haproxy_runtime: int
     airflow_api: int
+    redis: int  # the Celery broker of a local Airflow run with the Celery executor
 
     @classmethod
     def from_base(cls, base: int) -> "Ports":
@@ -25,6 +26,7 @@ class Ports:
             haproxy_read=base + 61,
             haproxy_runtime=base + 69,
             airflow_api=base + 80,
+            redis=base + 63,
         )
         too_high = {name: port for name, port in ports.as_dict().items() if not 1024 <= port < EPHEMERAL_PORT_START}
         if too_high:
