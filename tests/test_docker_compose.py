@@ -91,7 +91,7 @@ def published_ports(spec: dict) -> list[str]:
 def test_stack_has_every_component(services):
     expected = {
         "postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-        "airflow-triggerer", "moto", "pg-old", "pg-new", "haproxy",
+        "airflow-triggerer", "moto", "pg-old", "pg-new", "haproxy", "redis", "airflow-worker",
     }
     assert expected <= set(services)
     assert with_defaults(services["postgres"]["image"]) == "postgres:16"
@@ -101,7 +101,7 @@ def test_stack_has_every_component(services):
 def test_airflow_services_share_the_common_anchor(compose, airflow_services):
     assert "x-airflow-common" in compose
     commands = {str(spec.get("command")) for spec in airflow_services.values()}
-    assert {"api-server", "scheduler", "dag-processor", "triggerer"} <= commands
+    assert {"api-server", "scheduler", "dag-processor", "triggerer", "celery worker"} <= commands
 
 
 def test_every_bind_mounted_host_path_exists(services):
@@ -141,11 +141,48 @@ def test_moto_image_matches_the_locked_moto(services):
     assert with_defaults(services["moto"]["image"]) == f"motoserver/moto:{pinned_version('moto')}"
 
 
-def test_local_executor_and_no_installs_at_start(airflow_services):
+def test_local_executor_by_default_and_no_installs_at_start(airflow_services):
     for name, spec in airflow_services.items():
         env = environment_of(spec)
-        assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor", name
+        assert with_defaults(env["AIRFLOW__CORE__EXECUTOR"]) == "LocalExecutor", name
         assert env["_PIP_ADDITIONAL_REQUIREMENTS"] == "", name
+
+
+CELERY_SERVICES = {"redis", "airflow-worker"}
+
+
+def test_only_the_celery_services_sit_behind_the_celery_profile(services):
+    profiled = {name: spec["profiles"] for name, spec in services.items() if "profiles" in spec}
+    assert profiled == {name: ["celery"] for name in CELERY_SERVICES}, "the default stack stays as it was"
+
+
+def test_one_variable_switches_every_component_to_the_celery_executor(airflow_services):
+    for name, spec in airflow_services.items():
+        executor = environment_of(spec)["AIRFLOW__CORE__EXECUTOR"]
+        assert WHOLE_INTERPOLATION.match(executor)["name"] == "AIRFLOW_EXECUTOR", name
+    assert "AIRFLOW_EXECUTOR=CeleryExecutor docker compose --profile celery up" in COMPOSE_FILE.read_text()
+
+
+def test_celery_broker_is_the_redis_service_and_results_go_to_the_metadata_database(airflow_services, services):
+    redis = services["redis"]
+    assert with_defaults(redis["image"]).startswith("redis:")
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert not redis.get("ports"), "the broker is reachable inside the stack only"
+    for name, spec in airflow_services.items():
+        env = {key: with_defaults(str(value)) for key, value in environment_of(spec).items()}
+        assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0", name
+        metadata = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].split("://", 1)[1]
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == f"db+postgresql://{metadata}", name
+
+
+def test_worker_runs_celery_with_warm_shutdown_once_redis_and_the_api_are_up(services):
+    worker = services["airflow-worker"]
+    assert worker["command"] == "celery worker"
+    assert environment_of(worker)["DUMB_INIT_SETSID"] == "0"
+    assert "inspect ping" in " ".join(worker["healthcheck"]["test"])
+    conditions = {name: rule["condition"] for name, rule in worker["depends_on"].items()}
+    assert conditions["redis"] == conditions["airflow-apiserver"] == "service_healthy"
+    assert conditions["airflow-init"] == "service_completed_successfully"
 
 
 def test_init_migrates_and_creates_the_admin(services):
@@ -344,7 +381,7 @@ def test_docker_compose_config_accepts_the_file():
     if client is None:
         pytest.skip("no docker compose client installed (docker CLI with the compose plugin, or docker-compose)")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "DOCKER_"))}
-    result = subprocess.run(
-        [*client, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    for profile in ([], ["--profile", "celery"]):
+        result = subprocess.run([*client, "-f", str(COMPOSE_FILE), *profile, "config", "-q"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, profile + [result.stdout + result.stderr]
