@@ -33,6 +33,7 @@ def demo_conf(topo: Topology) -> dict:
         "exclude_schemas": ["scratch"],
         "shift_percentages": [25, 50, 100],
         "phase_settle_seconds": 2,
+        "rds_poll_seconds": 1,  # moto answers at once
         "lag_threshold_bytes": 65536,
         "cutover_deadline_seconds": 30,
         "traffic": {

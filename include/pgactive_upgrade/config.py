@@ -203,6 +203,13 @@ FIELDS: dict[str, dict] = {
         "Probe latency budget (ms)",
         "Connecting to the new instance and each probe query must finish within this many milliseconds.",
     ),
+    "rds_poll_seconds": _field(
+        {"type": "integer", "minimum": 1, "maximum": 300},
+        30,
+        "RDS poll interval (s)",
+        "While an instance is created, modified, rebooted or deleted the task waits in the triggerer (no worker slot) "
+        "and asks RDS this often; raise it for a large fleet (API rate limits).",
+    ),
     "verify_parallelism": _field(
         {"type": "integer", "minimum": 1, "maximum": 16},
         4,
@@ -350,6 +357,7 @@ class UpgradeRequest:
     shift_mode: str = "percent"
     health_probes: tuple[str, ...] = ()
     probe_budget_ms: int = 1000
+    rds_poll_seconds: int = 30
     verify_parallelism: int = 4
     phase_settle_seconds: int = 60
     lag_threshold_bytes: int = 1 << 20

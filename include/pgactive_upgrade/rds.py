@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -372,71 +371,75 @@ def _create_request(source: InstanceInfo, target_id: str, engine_version: str, p
 # ---------------------------------------------------------------- waiting, reboots, group attachment
 
 
-def _retry_while_busy(call: Callable[[], Any], what: str, *, attempts: int, poll_s: float) -> Any:
-    """RDS refuses reboot/modify/delete while an instance is busy (InvalidDBInstanceState): wait and retry."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except ClientError as error:
-            if _error_code(error) != "InvalidDBInstanceState" or attempt == attempts:
-                raise RdsError(f"{what} failed after {attempt} attempt(s): {_error_code(error)}: "
-                               f"{error.response.get('Error', {}).get('Message', '')}") from None
-            log.warning("%s: instance busy (attempt %d/%d), retrying in %ss", what, attempt, attempts, poll_s)
-            time.sleep(poll_s)
+@dataclass(frozen=True)
+class Wait:
+    """An instance is busy: the step comes back once it is `until` (AVAILABLE, IN_SYNC or DELETED). The steps
+    never wait themselves: the Airflow layer defers to a trigger, and runs the step again afterwards."""
+    identifier: str
+    until: str
+    why: str
 
 
-def wait_available(rds, identifier: str, *, timeout_s: float = 900, poll_s: float = 15,
-                   require_in_sync: bool = False) -> InstanceInfo:
-    """Poll until status is 'available' (and, if asked, the parameter group is in-sync).
-
-    Polling rather than the boto waiter gives a message naming the state that failed.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = describe_instance(rds, identifier)
-        if info is None:
-            raise RdsError(f"DB instance {identifier} disappeared while waiting for it to become available")
-        if info.status in _DEAD_END_STATES or info.status.startswith("incompatible-"):
-            raise RdsError(f"DB instance {identifier} is in state {info.status!r}; expected 'available'")
-        in_sync = info.parameter_apply_status == "in-sync"
-        if info.status == "available" and (in_sync or not require_in_sync):
-            return info
-        if time.monotonic() >= deadline:
-            raise RdsError(f"DB instance {identifier} not available after {timeout_s}s: status {info.status!r}, "
-                           f"parameter group {info.parameter_group} {info.parameter_apply_status!r}")
-        time.sleep(poll_s)
+AVAILABLE, IN_SYNC, DELETED = "available", "in_sync", "deleted"
 
 
-def needs_reboot(info: InstanceInfo) -> bool:
-    """Static parameters (rds.enable_pgactive) and a newly attached group only take effect after a reboot."""
-    return info.parameter_apply_status != "in-sync"
+def _unless_busy(call: Callable[[], Any], identifier: str, what: str) -> Wait | None:
+    """Make the call; RDS refuses reboot/modify/delete while an instance is busy (InvalidDBInstanceState)."""
+    try:
+        call()
+    except ClientError as error:
+        if _error_code(error) == "InvalidDBInstanceState":
+            return Wait(identifier, AVAILABLE, f"{what}: instance busy")
+        raise RdsError(f"{what} failed: {_error_code(error)}: {error.response.get('Error', {}).get('Message', '')}") from None
+    return None
 
 
-def reboot_and_wait(rds, identifier: str, *, timeout_s: float = 900, poll_s: float = 15,
-                    attempts: int = 5) -> InstanceInfo:
-    wait_available(rds, identifier, timeout_s=timeout_s, poll_s=poll_s)
-    _retry_while_busy(lambda: rds.reboot_db_instance(DBInstanceIdentifier=identifier), f"rebooting {identifier}",
-                      attempts=attempts, poll_s=poll_s)
-    log.info("rebooting DB instance %s", identifier)
-    # Right after the call RDS may still report 'available' for a moment; in-sync is the real completion signal.
-    return wait_available(rds, identifier, timeout_s=timeout_s, poll_s=poll_s, require_in_sync=True)
-
-
-def ensure_parameter_group_attached(rds, identifier: str, parameter_group: str, *, attempts: int = 5,
-                                    poll_s: float = 15) -> bool:
+def _described(rds, identifier: str) -> InstanceInfo:
     info = describe_instance(rds, identifier)
     if info is None:
-        raise RdsError(f"DB instance {identifier} not found; cannot attach parameter group {parameter_group}")
-    if info.parameter_group == parameter_group:
-        return False
-    _check_group_family(rds, parameter_group, info.engine_version)
-    _retry_while_busy(
-        lambda: rds.modify_db_instance(DBInstanceIdentifier=identifier, DBParameterGroupName=parameter_group,
-                                       ApplyImmediately=True),
-        f"attaching parameter group {parameter_group} to {identifier}", attempts=attempts, poll_s=poll_s)
-    log.info("attached parameter group %s to %s (was %s); a reboot is needed", parameter_group, identifier,
-             info.parameter_group)
-    return True
+        raise RdsError(f"DB instance {identifier} does not exist")
+    if info.status in _DEAD_END_STATES or info.status.startswith("incompatible-"):
+        raise RdsError(f"DB instance {identifier} is in state {info.status!r}; expected 'available'")
+    return info
+
+
+def settle_parameter_group(rds, identifier: str, parameter_group: str, *, may_reboot: bool,
+                           reboot: bool = False) -> tuple[Wait | None, bool]:
+    """One step towards `identifier` running `parameter_group` in-sync, without waiting: (what to wait for, or None
+    once it does; whether this call rebooted it). Attaches the group; reboots when RDS says a reboot is pending, or
+    when `reboot` says this call's changes need one; never reboots twice in one call.
+    may_reboot: False refuses a reboot (the source without allow_source_reboot)."""
+    info = _described(rds, identifier)
+    if info.status == "rebooting":  # its parameters apply with the reboot: wait for in-sync, not only available
+        return Wait(identifier, IN_SYNC, "rebooting"), False
+    if info.status != "available":
+        return Wait(identifier, AVAILABLE, f"status {info.status}"), False
+    if info.parameter_group != parameter_group:
+        _check_group_family(rds, parameter_group, info.engine_version)
+        what = f"attaching parameter group {parameter_group} to {identifier}"
+        if wait := _unless_busy(lambda: rds.modify_db_instance(
+                DBInstanceIdentifier=identifier, DBParameterGroupName=parameter_group, ApplyImmediately=True),
+                identifier, what):
+            return wait, False
+        log.info("%s (was %s): a reboot is needed", what, info.parameter_group)
+        info, reboot = _described(rds, identifier), True
+        if info.status != "available":
+            return Wait(identifier, AVAILABLE, f"{what}: status {info.status}"), False
+    if reboot or info.parameter_apply_status == "pending-reboot":
+        if not may_reboot:
+            raise RdsError(f"{identifier} must be rebooted to apply parameter group {parameter_group} "
+                           "(a brief outage); set allow_source_reboot to true, or reboot it yourself first")
+        if wait := _unless_busy(lambda: rds.reboot_db_instance(DBInstanceIdentifier=identifier), identifier,
+                                f"rebooting {identifier}"):
+            return wait, False
+        log.info("rebooting DB instance %s", identifier)
+        info = _described(rds, identifier)
+        # Right after the call RDS may still report the old state for a moment: in-sync is the real completion.
+        done = info.status == "available" and info.parameter_apply_status == "in-sync"
+        return (None if done else Wait(identifier, IN_SYNC, "rebooting")), True
+    if info.parameter_apply_status != "in-sync":
+        return Wait(identifier, IN_SYNC, f"parameters {info.parameter_apply_status}"), False
+    return None, False
 
 
 # ---------------------------------------------------------------- source parameters
@@ -504,11 +507,11 @@ def _check_reusable_copy(rds, group: dict, source: InstanceInfo) -> None:
                        "choose another name for the source's copy")
 
 
-def apply_source_parameters(rds, source: InstanceInfo, plan: SourcePlan, *, allow_reboot: bool,
-                            timeout_s: float = 900, poll_s: float = 15) -> dict:
-    """Carry out ``plan``; refuses before changing anything when a reboot is needed and not allowed."""
+def prepare_source_parameters(rds, source: InstanceInfo, plan: SourcePlan, *, allow_reboot: bool) -> dict:
+    """Copy and set the source's group as ``plan`` says (settle_parameter_group then attaches it and reboots);
+    refuses before changing anything when a reboot is needed and not allowed."""
     result = {"source": source.identifier, "parameter_group": plan.parameter_group, "copied_from": None,
-              "changed": dict(plan.changes), "rebooted": False, "already_enabled": plan.already_enabled}
+              "changed": dict(plan.changes), "already_enabled": plan.already_enabled}
     if plan.already_enabled:
         log.info("source %s already runs %s with the needed parameters: nothing to change, no reboot",
                  source.identifier, plan.parameter_group)
@@ -520,17 +523,6 @@ def apply_source_parameters(rds, source: InstanceInfo, plan: SourcePlan, *, allo
         result["copied_from"] = plan.copy_from
     ensure_parameter_group(rds, plan.parameter_group, parameter_group_family(source.engine_version),
                            f"pgactive-upgrade: parameters of {source.identifier}", plan.changes)
-    ensure_parameter_group_attached(rds, source.identifier, plan.parameter_group, poll_s=poll_s)
-    if plan.needs_reboot:
-        info = reboot_and_wait(rds, source.identifier, timeout_s=timeout_s, poll_s=poll_s)
-        result["rebooted"] = True
-    else:  # 'applying': dynamic values on their way, no reboot needed
-        info = wait_available(rds, source.identifier, timeout_s=timeout_s, poll_s=poll_s, require_in_sync=True)
-    if info.parameter_group != plan.parameter_group:
-        raise RdsError(f"source {source.identifier} runs parameter group {info.parameter_group} after the reboot, "
-                       f"expected {plan.parameter_group}")
-    log.info("source %s now runs %s in-sync (copied from %s, set %s, rebooted %s)", source.identifier,
-             plan.parameter_group, result["copied_from"], plan.changes, result["rebooted"])
     return result
 
 
@@ -600,9 +592,9 @@ def _describe_snapshot(rds, snapshot_id: str) -> dict | None:
     return found[0] if found else None
 
 
-def decommission(rds, identifier: str, *, final_snapshot_id: str, timeout_s: float = 600, poll_s: float = 15,
-                 attempts: int = 5) -> dict:
-    """Delete the instance with a final snapshot and wait until it is gone. Safe to re-run."""
+def decommission(rds, identifier: str, *, final_snapshot_id: str) -> dict | Wait:
+    """One step of deleting the instance with a final snapshot, without waiting: the result once it is gone,
+    else what to wait for. Safe to re-run."""
     validate_identifier(final_snapshot_id, kind="final snapshot identifier", max_len=SNAPSHOT_MAX)
     info = describe_instance(rds, identifier)
     snapshot = _describe_snapshot(rds, final_snapshot_id)
@@ -613,9 +605,7 @@ def decommission(rds, identifier: str, *, final_snapshot_id: str, timeout_s: flo
         if snapshot is None:
             raise RdsError(f"DB instance {identifier} is gone but final snapshot {final_snapshot_id} does not exist; "
                            "refusing to report the decommission as done")
-        return {"deleted": True, "snapshot": final_snapshot_id, "snapshot_status": snapshot.get("Status"),
-                "already": True}
-
+        return {"deleted": True, "snapshot": final_snapshot_id, "snapshot_status": snapshot.get("Status")}
     if info.status != "deleting":
         if info.deletion_protection:
             raise RdsError(f"DB instance {identifier} has deletion protection enabled; disable it deliberately "
@@ -623,22 +613,11 @@ def decommission(rds, identifier: str, *, final_snapshot_id: str, timeout_s: flo
         if snapshot is not None:
             raise RdsError(f"snapshot {final_snapshot_id} already exists while {identifier} is still running; "
                            "it would not hold the final state: choose a new final snapshot id")
-        _retry_while_busy(
-            lambda: rds.delete_db_instance(DBInstanceIdentifier=identifier, SkipFinalSnapshot=False,
-                                           FinalDBSnapshotIdentifier=final_snapshot_id, DeleteAutomatedBackups=False),
-            f"deleting {identifier}", attempts=attempts, poll_s=poll_s)
+        if wait := _unless_busy(lambda: rds.delete_db_instance(
+                DBInstanceIdentifier=identifier, SkipFinalSnapshot=False, FinalDBSnapshotIdentifier=final_snapshot_id,
+                DeleteAutomatedBackups=False), identifier, f"deleting {identifier}"):
+            return wait
         log.info("deleting DB instance %s with final snapshot %s", identifier, final_snapshot_id)
-    _wait_deleted(rds, identifier, timeout_s=timeout_s, poll_s=poll_s)
-
-    snapshot = _describe_snapshot(rds, final_snapshot_id)
-    if snapshot is None:
-        raise RdsError(f"DB instance {identifier} deleted but final snapshot {final_snapshot_id} is missing")
-    return {"deleted": True, "snapshot": final_snapshot_id, "snapshot_status": snapshot.get("Status"), "already": False}
-
-
-def _wait_deleted(rds, identifier: str, *, timeout_s: float, poll_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (info := describe_instance(rds, identifier)) is not None:
-        if time.monotonic() >= deadline:
-            raise RdsError(f"DB instance {identifier} still present after {timeout_s}s (status {info.status!r})")
-        time.sleep(poll_s)
+        if describe_instance(rds, identifier) is None:
+            return decommission(rds, identifier, final_snapshot_id=final_snapshot_id)
+    return Wait(identifier, DELETED, "deleting with a final snapshot")

@@ -267,22 +267,37 @@ class Upgrade:
             custom_group_name=f"{self.source.identifier}-{self.request.replication_driver}",
         )
 
-    def configure_parameters(self) -> dict:
+    def configure_parameters(self) -> dict | rds.Wait:
+        """One step towards both instances running their replication parameters in-sync: the target's group
+        attached (and rebooted), then the source's (rebooted only with allow_source_reboot). Returns what to wait
+        for while an instance is busy; the step runs again afterwards and goes on from what RDS reports."""
         family = rds.parameter_group_family(self.request.target_engine_version)
         changed = rds.ensure_parameter_group(
             self.rds_client, self.parameter_group, family,
             f"pgactive-upgrade of {self.source.identifier}", rds.pgactive_parameters(self.request.replication_driver),
         )
-        attached = rds.ensure_parameter_group_attached(self.rds_client, self.target_id, self.parameter_group)
-        info = rds.wait_available(self.rds_client, self.target_id)
-        rebooted = changed or attached or rds.needs_reboot(info)
+        wait, rebooted = rds.settle_parameter_group(self.rds_client, self.target_id, self.parameter_group,
+                                                    may_reboot=True, reboot=changed)
+        self._note_reboot("target", self.target_id, rebooted)
+        if wait:
+            return wait
+        plan = self.source_parameter_plan()
+        source = rds.prepare_source_parameters(self.rds_client, self.source, plan,
+                                               allow_reboot=self.request.allow_source_reboot)
+        if not plan.already_enabled:
+            wait, rebooted = rds.settle_parameter_group(
+                self.rds_client, self.source.identifier, plan.parameter_group,
+                may_reboot=self.request.allow_source_reboot, reboot=plan.needs_reboot)
+            self._note_reboot("source", self.source.identifier, rebooted)
+            if wait:
+                return wait
+        emit("parameters_applied", target_instance=self.target_id, source_parameter_group=plan.parameter_group)
+        return {"parameter_group": self.parameter_group, "source": source}
+
+    @staticmethod
+    def _note_reboot(role: str, identifier: str, rebooted: bool) -> None:
         if rebooted:
-            info = rds.reboot_and_wait(self.rds_client, self.target_id)
-        source = rds.apply_source_parameters(
-            self.rds_client, self.source, self.source_parameter_plan(), allow_reboot=self.request.allow_source_reboot
-        )
-        emit("parameters_applied", target_instance=self.target_id, rebooted=rebooted, source_rebooted=source["rebooted"])
-        return {"parameter_group": self.parameter_group, "rebooted": rebooted, "source": source}
+            emit("instance_rebooted", role=role, instance=identifier)
 
     def install(self) -> dict:
         with connected(self.endpoint(self.target()), self.admin) as connection:
@@ -469,12 +484,13 @@ class Upgrade:
         emit("old_node_detached", source=self.request.source_identifier)
         return result
 
-    def decommission(self, snapshot_id: str) -> dict:
+    def decommission(self, snapshot_id: str) -> dict | rds.Wait:
         if self.request.decommission != "delete":
             emit("decommission_skipped", reason="decommission is 'keep'", source=self.request.source_identifier)
             return {"skipped": True, "source": self.request.source_identifier}
         result = rds.decommission(self.rds_client, self.request.source_identifier, final_snapshot_id=snapshot_id)
-        emit("source_decommissioned", source=self.request.source_identifier, snapshot=snapshot_id)
+        if not isinstance(result, rds.Wait):
+            emit("source_decommissioned", source=self.request.source_identifier, snapshot=snapshot_id)
         return result
 
 

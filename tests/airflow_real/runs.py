@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from topology.airflow_local import LocalAirflow
+from topology.airflow_local import AirflowApiError, LocalAirflow
 
 
 def states_of(airflow: LocalAirflow, dag_id: str, run_id: str) -> dict[str, str | None]:
@@ -24,3 +24,12 @@ def wait_for_state(airflow: LocalAirflow, dag_id: str, run_id: str, task: str, w
         assert states.get(task) not in ("failed", "upstream_failed") or wanted in ("failed", "upstream_failed"), states
         time.sleep(0.2)
     raise AssertionError(f"{task} never reached {wanted}: {states}")
+
+
+def forget_earlier_upgrades(airflow: LocalAirflow) -> None:
+    """Fresh databases: the record of an earlier test's cutover of the same source no longer applies."""
+    for key in ("pgactive_upgrade__orders-db", "pgactive_upgrade__orders-db__halt"):
+        try:
+            airflow.api("DELETE", f"variables/{key}")
+        except AirflowApiError as error:
+            assert error.status == 404, error

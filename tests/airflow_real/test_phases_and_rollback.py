@@ -9,7 +9,7 @@ from datetime import datetime
 import psycopg2
 import pytest
 
-from tests.airflow_real.runs import states_of, wait_for_state
+from tests.airflow_real.runs import forget_earlier_upgrades, states_of, wait_for_state
 from topology.airflow_local import AirflowApiError
 from topology.demo import demo_conf
 
@@ -25,15 +25,6 @@ def ready(airflow, fresh_databases):
     airflow.wait_for_dag(ROLLBACK)
     forget_earlier_upgrades(airflow)
     return airflow, fresh_databases
-
-
-def forget_earlier_upgrades(airflow) -> None:
-    """Fresh databases: the record of an earlier test's cutover of the same source no longer applies."""
-    for key in ("pgactive_upgrade__orders-db", "pgactive_upgrade__orders-db__halt"):
-        try:
-            airflow.api("DELETE", f"variables/{key}")
-        except AirflowApiError as error:
-            assert error.status == 404, error
 
 
 def times_of(airflow, run_id: str) -> dict[str, tuple[datetime, datetime]]:

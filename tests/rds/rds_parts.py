@@ -42,3 +42,41 @@ def record_calls(rds) -> list[str]:
     calls = []
     rds.meta.events.register("before-call.rds", lambda model, **_: calls.append(model.name))
     return calls
+
+
+def settle(rds, identifier: str, group: str, *, may_reboot: bool = True, reboot: bool = False, rounds: int = 10) -> bool:
+    """settle_parameter_group run as the Airflow layer runs it: each Wait is waited out as the trigger would (here by
+    polling describe), then the step runs again, without the reboot its first call was asked for (that call made
+    it, or the instance was busy). Returns whether any call rebooted."""
+    from pgactive_upgrade import rds as r
+
+    rebooted = False
+    for _ in range(rounds):
+        wait, did = r.settle_parameter_group(rds, identifier, group, may_reboot=may_reboot, reboot=reboot)
+        rebooted, reboot = rebooted or did, reboot and not did
+        if wait is None:
+            return rebooted
+        wait_out(rds, wait)
+    raise AssertionError(f"{identifier} did not settle in {rounds} steps")
+
+
+def wait_out(rds, wait, polls: int = 20) -> None:
+    """What the trigger waits for: available, or available and in-sync."""
+    from pgactive_upgrade import rds as r
+
+    for _ in range(polls):
+        info = r.describe_instance(rds, wait.identifier)
+        if info.status == "available" and (wait.until != r.IN_SYNC or info.parameter_apply_status == "in-sync"):
+            return
+    raise AssertionError(f"{wait} never held")
+
+
+def until_done(step, rounds: int = 10):
+    """A step that may return a Wait, run again until it returns its result (moto is instant)."""
+    from pgactive_upgrade import rds as r
+
+    for _ in range(rounds):
+        result = step()
+        if not isinstance(result, r.Wait):
+            return result
+    raise AssertionError(f"not done in {rounds} steps: {result}")

@@ -4,7 +4,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from pgactive_upgrade import rds as r
-from rds_parts import SECRET, fail_first_calls
+from rds_parts import SECRET, fail_first_calls, new_client, record_calls, until_done
 
 
 @pytest.fixture
@@ -117,7 +117,8 @@ def test_parameter_group_family_mismatch(rds):
 def test_target_copies_source_attributes_and_never_leaks_password(rds, source, pg17_group, caplog):
     caplog.set_level("DEBUG", logger="pgactive_upgrade")
     target = _create_target(rds, source, pg17_group)
-    target = r.wait_available(rds, target.identifier, poll_s=0.1)
+    target = r.describe_instance(rds, target.identifier)
+    assert target.status == "available"
     assert (target.major, target.engine_version, target.parameter_group) == (17, "17.2", pg17_group)
     for field in ("instance_class", "allocated_storage", "storage_type", "db_subnet_group", "security_group_ids",
                   "multi_az", "storage_encrypted", "db_name", "master_username", "backup_retention_period"):
@@ -165,77 +166,94 @@ def test_target_version_and_group_validation(rds, source, pg17_group):
 # ---------------------------------------------------------------- parameter group attachment and reboot
 
 
-def test_attach_group_and_reboot_source(rds, source):
+def test_attach_group_and_reboot_source_in_one_step(rds, source):
     r.ensure_parameter_group(rds, "orders-pgactive-15", "postgres15", "d", r.pgactive_parameters("pgactive"))
-    assert r.ensure_parameter_group_attached(rds, "orders-db", "orders-pgactive-15") is True
-    assert r.ensure_parameter_group_attached(rds, "orders-db", "orders-pgactive-15") is False
-    info = r.reboot_and_wait(rds, "orders-db", poll_s=0.1)
-    assert info.status == "available" and info.parameter_group == "orders-pgactive-15"
-    assert not r.needs_reboot(info)
+    calls = record_calls(rds)
+    assert r.settle_parameter_group(rds, "orders-db", "orders-pgactive-15", may_reboot=True) == (None, True)
+    assert calls.index("ModifyDBInstance") < calls.index("RebootDBInstance")
+    assert r.settle_parameter_group(rds, "orders-db", "orders-pgactive-15", may_reboot=True) == (None, False)
+    info = r.describe_instance(rds, "orders-db")
+    assert (info.status, info.parameter_group, info.parameter_apply_status) == ("available", "orders-pgactive-15", "in-sync")
 
 
 def test_attach_group_of_wrong_family_refused(rds, source, pg17_group):
     with pytest.raises(r.RdsError, match="needs postgres15"):
-        r.ensure_parameter_group_attached(rds, "orders-db", pg17_group)
+        r.settle_parameter_group(rds, "orders-db", pg17_group, may_reboot=True)
 
 
-def test_needs_reboot():
-    base = dict.fromkeys(r.InstanceInfo.__dataclass_fields__)
-    assert r.needs_reboot(r.InstanceInfo(**{**base, "parameter_apply_status": "pending-reboot"}))
-    assert r.needs_reboot(r.InstanceInfo(**{**base, "parameter_apply_status": "applying"}))
-    assert not r.needs_reboot(r.InstanceInfo(**{**base, "parameter_apply_status": "in-sync"}))
+def _report(rds, status=None, apply_status=None):
+    def rewrite(parsed, **_):
+        for instance in parsed.get("DBInstances", []):
+            if status:
+                instance["DBInstanceStatus"] = status
+            if apply_status:
+                instance["DBParameterGroups"][0]["ParameterApplyStatus"] = apply_status
+
+    rds.meta.events.register("after-call.rds.DescribeDBInstances", rewrite)
 
 
-def test_reboot_retries_while_instance_busy(rds, source):
+def test_a_pending_reboot_reboots_and_applying_parameters_are_waited_for(rds, source):
+    group = r.describe_instance(rds, "orders-db").parameter_group
+    calls = record_calls(rds)
+    _report(rds, apply_status="pending-reboot")
+    wait, rebooted = r.settle_parameter_group(rds, "orders-db", group, may_reboot=True)
+    assert rebooted and wait == r.Wait("orders-db", r.IN_SYNC, "rebooting"), "still pending right after the call"
+    assert calls.count("RebootDBInstance") == 1
+
+    other = new_client("rds")
+    _report(other, apply_status="applying")
+    assert r.settle_parameter_group(other, "orders-db", group, may_reboot=True) == (
+        r.Wait("orders-db", r.IN_SYNC, "parameters applying"), False)
+
+
+def test_a_reboot_the_conf_does_not_allow_is_refused(rds, source):
+    group = r.describe_instance(rds, "orders-db").parameter_group
+    calls = record_calls(rds)
+    with pytest.raises(r.RdsError, match="orders-db must be rebooted .* set allow_source_reboot to true"):
+        r.settle_parameter_group(rds, "orders-db", group, may_reboot=False, reboot=True)
+    assert "RebootDBInstance" not in calls
+
+
+def test_a_busy_instance_is_waited_for_not_slept_on(rds, source):
+    group = r.describe_instance(rds, "orders-db").parameter_group
     calls = fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=1)
-    info = r.reboot_and_wait(rds, "orders-db", poll_s=0.05)
+    assert r.settle_parameter_group(rds, "orders-db", group, may_reboot=True, reboot=True) == (
+        r.Wait("orders-db", r.AVAILABLE, "rebooting orders-db: instance busy"), False)
+    assert r.settle_parameter_group(rds, "orders-db", group, may_reboot=True, reboot=True) == (None, True)
     assert calls == ["RebootDBInstance", "RebootDBInstance"]
-    assert info.status == "available"
-
-
-def test_reboot_gives_up_with_clear_error(rds, source):
-    calls = fail_first_calls(rds, "RebootDBInstance", "InvalidDBInstanceState", times=10)
-    with pytest.raises(r.RdsError, match="rebooting orders-db failed after 3 attempt"):
-        r.reboot_and_wait(rds, "orders-db", poll_s=0.01, attempts=3)
-    assert len(calls) == 3
 
 
 def test_reboot_other_errors_are_not_retried(rds, source):
+    group = r.describe_instance(rds, "orders-db").parameter_group
     calls = fail_first_calls(rds, "RebootDBInstance", "AccessDenied", times=10)
-    with pytest.raises(r.RdsError, match="AccessDenied"):
-        r.reboot_and_wait(rds, "orders-db", poll_s=0.01)
+    with pytest.raises(r.RdsError, match="rebooting orders-db failed: AccessDenied"):
+        r.settle_parameter_group(rds, "orders-db", group, may_reboot=True, reboot=True)
     assert len(calls) == 1
 
 
-def test_wait_available_fails_fast_on_dead_end_state(rds, source):
-    def report_failed(parsed, **_):
-        parsed["DBInstances"][0]["DBInstanceStatus"] = "incompatible-parameters"
-
-    rds.meta.events.register("after-call.rds.DescribeDBInstances", report_failed)
+def test_a_dead_end_state_fails_at_once(rds, source):
+    _report(rds, status="incompatible-parameters")
     with pytest.raises(r.RdsError, match="orders-db is in state 'incompatible-parameters'; expected 'available'"):
-        r.wait_available(rds, "orders-db", timeout_s=5, poll_s=0.01)
+        r.settle_parameter_group(rds, "orders-db", "any", may_reboot=True)
 
 
-def test_wait_available_times_out_naming_state(rds, source):
-    def report_modifying(parsed, **_):
-        parsed["DBInstances"][0]["DBInstanceStatus"] = "modifying"
-
-    rds.meta.events.register("after-call.rds.DescribeDBInstances", report_modifying)
-    with pytest.raises(r.RdsError, match="not available after 0.2s: status 'modifying'"):
-        r.wait_available(rds, "orders-db", timeout_s=0.2, poll_s=0.05)
+def test_a_modifying_instance_is_waited_for_naming_its_state(rds, source):
+    _report(rds, status="modifying")
+    assert r.settle_parameter_group(rds, "orders-db", "any", may_reboot=True) == (
+        r.Wait("orders-db", r.AVAILABLE, "status modifying"), False)
 
 
 # ---------------------------------------------------------------- decommission
 
 
 def test_decommission_with_final_snapshot_then_idempotent(rds, source):
-    result = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1", poll_s=0.05)
-    assert result["deleted"] and result["snapshot"] == "orders-db-final-1" and result["already"] is False
+    result = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1")
+    assert result["deleted"] and result["snapshot"] == "orders-db-final-1"
     assert r.describe_instance(rds, "orders-db") is None
     snapshot = rds.describe_db_snapshots(DBSnapshotIdentifier="orders-db-final-1")["DBSnapshots"][0]
     assert snapshot["DBInstanceIdentifier"] == "orders-db"
-    again = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1", poll_s=0.05)
-    assert again["deleted"] and again["already"] is True
+    again = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-1")
+    assert again == result
 
 
 def test_decommission_refuses_missing_instance_without_snapshot(rds):
@@ -263,10 +281,18 @@ def test_decommission_rejects_invalid_snapshot_id_before_any_call(rds, source):
     assert r.describe_instance(rds, "orders-db") is not None
 
 
-def test_decommission_retries_delete_while_busy(rds, source):
+def test_decommission_waits_while_busy_then_deletes(rds, source):
     calls = fail_first_calls(rds, "DeleteDBInstance", "InvalidDBInstanceState", times=2)
-    result = r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-2", poll_s=0.01)
-    assert len(calls) == 3 and result["deleted"] and not result["already"]
+    assert r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-2") == r.Wait(
+        "orders-db", r.AVAILABLE, "deleting orders-db: instance busy")
+    result = until_done(lambda: r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-2"))
+    assert len(calls) == 3 and result["deleted"]
+
+
+def test_decommission_waits_while_deleting(rds, source):
+    _report(rds, status="deleting")
+    assert r.decommission(rds, "orders-db", final_snapshot_id="orders-db-final-3") == r.Wait(
+        "orders-db", r.DELETED, "deleting with a final snapshot")
 
 
 def test_injected_fault_is_the_modeled_exception(rds, source):

@@ -102,6 +102,8 @@ REJECTIONS = [
     single("health_probes", ["SELECT 1"] * 11, "is too long"),
     single("probe_budget_ms", 5, "less than the minimum of 10"),
     single("verify_parallelism", 0, "less than the minimum of 1"),
+    single("rds_poll_seconds", 0, "less than the minimum of 1"),
+    single("rds_poll_seconds", 301, "greater than the maximum of 300"),
     single("verify_parallelism", 17, "greater than the maximum of 16"),
     single("allow_source_reboot", "yes", "is not of type 'boolean'"),
     # integers
@@ -306,6 +308,7 @@ def test_full_conf_round_trips_into_upgrade_request():
         "health_probes": ["SELECT count(*) FROM sales.orders"],
         "probe_budget_ms": 250,
         "verify_parallelism": 8,
+        "rds_poll_seconds": 5,
         "phase_settle_seconds": 0,
         "lag_threshold_bytes": 1 << 40,
         "lag_escalation_minutes": 1440,
@@ -329,7 +332,7 @@ def test_full_conf_round_trips_into_upgrade_request():
         filters=Filters(include_schemas=("sales", "billing"), exclude_schemas=("audit",), include_tables=("sales.orders",),
                         exclude_tables=("billing.tmp",)),
         shift_percentages=(5, 25, 75), shift_mode="units", allow_source_reboot=True, health_probes=("SELECT count(*) FROM sales.orders",),
-        probe_budget_ms=250, verify_parallelism=8, phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440,
+        probe_budget_ms=250, verify_parallelism=8, rds_poll_seconds=5, phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440,
         cutover_deadline_seconds=5, max_open_transaction_seconds=60, application_roles=("app", "report$ro"), traffic=traffic, decommission="delete",
         final_snapshot_id="orders-db-final", endpoint_overrides={"orders-db": "127.0.0.1:26415"}, aws_conn_id="aws.prod",
         db_conn_id="db-admin", replication_conn_id="repl_user")

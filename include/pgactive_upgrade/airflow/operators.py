@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from pgactive_upgrade import config, progress
+from pgactive_upgrade import config, progress, rds
 from pgactive_upgrade.airflow import state
 from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf, upgrade_from_request
 from pgactive_upgrade.airflow.triggers import (
     PhaseGateTrigger,
     ReplicationLagTrigger,
+    SettleTrigger,
     SwitchWatchdogTrigger,
     previous_phase_outcome,
+    rds_wait_trigger,
 )
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.events import emit
@@ -36,8 +37,18 @@ class UpgradeStepOperator(BaseOperator):
         state.check_not_halted(context, source)
         state.record_step(context, source, self.task_id, "running")
         result = self.step(upgrade, context)
+        if isinstance(result, rds.Wait):  # an instance is busy: wait in the triggerer, then run the step again
+            emit("waiting_for_rds", instance=result.identifier, until=result.until, why=result.why)
+            state.record_step(context, source, self.task_id, "waiting", waiting_for=f"{result.identifier}: {result.until}")
+            self.defer(trigger=rds_wait_trigger(result, upgrade.request.aws_conn_id, upgrade.request.rds_poll_seconds),
+                       method_name="resume_after_wait")
         state.record_step(context, source, self.task_id, "done", **self.progress_fields(result))
         return result
+
+    def resume_after_wait(self, context, event: dict[str, Any] | None = None) -> Any:
+        if not event or event.get("status") != "success":
+            raise AirflowFailException(f"waiting for RDS failed: {(event or {}).get('message', event)}")
+        return self.execute(context)
 
     def step(self, upgrade: Upgrade, context) -> Any:
         raise NotImplementedError
@@ -252,9 +263,28 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         super().__init__(**kwargs)
         self.percent = percent
 
-    def step(self, upgrade, context):
+    def execute(self, context) -> Any:
+        upgrade = upgrade_from(context)
+        request = upgrade.request
+        state.check_not_halted(context, request.source_identifier)
+        state.record_step(context, request.source_identifier, self.task_id, "running")
         self._hold_phase_split(upgrade, context)
-        self._settle(upgrade.request, context)
+        if request.phase_settle_seconds > 0:  # the split settles while the task waits in the triggerer
+            self.defer(trigger=SettleTrigger(seconds=request.phase_settle_seconds, run_id=context["run_id"],
+                                             halt_key=progress.halt_key(request.source_identifier)),
+                       method_name="check_after_settle")
+        return self.check_after_settle(context, {"status": "settled"})
+
+    def check_after_settle(self, context, event: dict[str, Any] | None = None) -> Any:
+        if not event or event.get("status") not in ("settled", "halted"):
+            raise AirflowFailException(f"settle time ended unexpectedly: {event}")
+        upgrade = upgrade_from(context)
+        state.check_not_halted(context, upgrade.request.source_identifier)
+        result = self.step(upgrade, context)
+        state.record_step(context, upgrade.request.source_identifier, self.task_id, "done", **self.progress_fields(result))
+        return result
+
+    def step(self, upgrade, context):
         source = upgrade.request.source_identifier
         problems, lag = upgrade.health_check((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
         if not problems:
@@ -278,17 +308,6 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         with upgrade.acting(halted_check(context, upgrade)) as source:
             upgrade.check_not_switched(source)
             upgrade.shift(int(self.percent))
-
-    @staticmethod
-    def _settle(request: config.UpgradeRequest, context, poll_seconds: float = 0.5) -> None:
-        """Hold the split, watching for a rollback: a halted run must not wait out its settle time."""
-        deadline = time.monotonic() + request.phase_settle_seconds
-        while True:
-            state.check_not_halted(context, request.source_identifier)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            time.sleep(min(poll_seconds, remaining))
 
     def _restore_last_healthy(self, upgrade: Upgrade, context) -> dict:
         index = context["ti"].map_index
