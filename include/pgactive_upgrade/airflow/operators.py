@@ -46,8 +46,9 @@ class UpgradeStepOperator(BaseOperator):
         return result
 
     def resume_after_wait(self, context, event: dict[str, Any] | None = None) -> Any:
-        if not event or event.get("status") != "success":
-            raise AirflowFailException(f"waiting for RDS failed: {(event or {}).get('message', event)}")
+        event = checked_event(event, "success", "error")
+        if event["status"] != "success":
+            raise AirflowFailException(f"waiting for RDS failed: {event.get('message', event)}")
         return self.execute(context)
 
     def step(self, upgrade: Upgrade, context) -> Any:
@@ -180,7 +181,8 @@ class WaitForSyncSensor(BaseSensorOperator):
             timeout=self.timeout if self.timeout is None else timedelta(seconds=float(self.timeout)),
         )
 
-    def execute_complete(self, context, event: dict[str, Any]) -> dict:
+    def execute_complete(self, context, event: dict[str, Any] | None = None) -> dict:
+        event = checked_event(event, "halted", "synced")
         if event.get("status") == "halted":
             raise AirflowFailException(f"halted by rollback while waiting for sync: {event['halt']}")
         if event.get("status") != "synced":
@@ -227,7 +229,8 @@ class PhaseGateSensor(BaseSensorOperator):
             )
         self._open_or_fail(outcome, ti.map_index)
 
-    def execute_complete(self, context, event: dict[str, Any]) -> None:
+    def execute_complete(self, context, event: dict[str, Any] | None = None) -> None:
+        event = checked_event(event, "halted", "success", "failed", "upstream_failed", "skipped", "removed")
         if event["status"] == "halted":
             raise AirflowFailException(f"halted by rollback: {event['halt']}")
         self._open_or_fail(event["status"], context["ti"].map_index)
@@ -276,8 +279,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         return self.check_after_settle(context, {"status": "settled"})
 
     def check_after_settle(self, context, event: dict[str, Any] | None = None) -> Any:
-        if not event or event.get("status") not in ("settled", "halted"):
-            raise AirflowFailException(f"settle time ended unexpectedly: {event}")
+        checked_event(event, "settled", "halted")  # halted: check_not_halted below names the rollback
         upgrade = upgrade_from(context)
         state.check_not_halted(context, upgrade.request.source_identifier)
         result = self.step(upgrade, context)
@@ -406,7 +408,8 @@ class CutoverWatchdogOperator(BaseOperator):
             timeout=None if self.execution_timeout is None else self.execution_timeout,
         )
 
-    def execute_complete(self, context, event: dict[str, Any]) -> dict:
+    def execute_complete(self, context, event: dict[str, Any] | None = None) -> dict:
+        event = checked_event(event, "abandoned", "finished", "halted")
         if event.get("status") != "abandoned":
             return event
         upgrade = self._upgrade(context)
@@ -498,3 +501,10 @@ def halted_check(context, upgrade: Upgrade):
 
 def _triggering_user(context) -> str:
     return getattr(context["dag_run"], "triggering_user_name", None) or "unknown"
+
+
+def checked_event(event: dict[str, Any] | None, *statuses: str) -> dict[str, Any]:
+    """A trigger's event, refused unless it carries one of the statuses its trigger sends."""
+    if not isinstance(event, dict) or event.get("status") not in statuses:
+        raise AirflowFailException(f"unexpected trigger event {event!r}: expected a status among {list(statuses)}")
+    return event
