@@ -512,14 +512,19 @@ PRELOAD = "shared_preload_libraries"
 def preload_libraries(ctx: Context) -> list[Finding]:
     """Libraries the source loads at start (pg_cron, pgaudit, pg_stat_statements...) that the target does not:
     extensions using them fail there."""
-    missing = [lib for lib in _libraries(_setting(ctx.source, PRELOAD)) if lib not in _libraries(_setting(ctx.target, PRELOAD))]
+    source, target = _setting(ctx.source, PRELOAD), _setting(ctx.target, PRELOAD)
+    if source is None or target is None:
+        return [warn("preload_libraries", f"{PRELOAD} cannot be read on the {'source' if source is None else 'target'} "
+                     "(the admin role needs pg_read_all_settings); compare it on both instances by hand", OPERATOR)]
     return [block("preload_libraries", f"{lib}: in the source's {PRELOAD} but not loaded on {ctx.target_id}; add "
                   f"{lib} to {PRELOAD} in parameter group {ctx.target_parameter_group} and reboot the target")
-            for lib in missing]
+            for lib in _libraries(source) if lib not in _libraries(target)]
 
 
-def _setting(connection, name: str) -> str:
-    return query(connection, "SELECT current_setting(%s)", (name,))[0][0]
+def _setting(connection, name: str) -> str | None:
+    """None when the admin may not read it (pg_settings hides superuser-only settings from others)."""
+    rows = query(connection, "SELECT setting FROM pg_settings WHERE name = %s", (name,))
+    return rows[0][0] if rows else None
 
 
 def _libraries(value: str | None) -> list[str]:
@@ -624,23 +629,22 @@ def preload_parameter(source_custom: dict[str, str], target: dict[str, str], sou
 
 def driver_overrides(source_values: dict[str, str], target: dict[str, str], target_group: str) -> list[Finding]:
     """Parameters the driver sets on the target's group that the source sets to another value itself."""
-    differ = {k: v for k, v in sorted(source_values.items()) if target.get(k) != v}
-    if not differ:
-        return []
-    listed = ", ".join(f"{k}: source {v}, target {target.get(k, 'default')}" for k, v in differ.items())
+    listed = _listed_differences(source_values, target, "{name}: source {value}, target {target}")
     return [warn("parameters", f"parameters the upgrade sets on {target_group} that the source sets otherwise: "
                  f"{listed}; set the source's value there after cutover if the workload needs it (the driver's "
-                 "steps reset them until then)", OPERATOR)]
+                 "steps reset them until then)", OPERATOR)] if listed else []
 
 
 def parameter_differences(source_custom: dict[str, str], target: dict[str, str], target_group: str) -> list[Finding]:
     """The source's custom parameters that the target's group does not carry."""
-    differ = {name: value for name, value in sorted(source_custom.items()) if target.get(name) != value}
-    if not differ:
-        return []
-    listed = ", ".join(f"{k}={v} (target: {target.get(k, 'default')})" for k, v in differ.items())
+    listed = _listed_differences(source_custom, target, "{name}={value} (target: {target})")
     return [warn("parameters", f"the source's custom parameters not in {target_group}: {listed}; set them there "
-                 "(RDS refuses those the new major removed)", OPERATOR)]
+                 "(RDS refuses those the new major removed)", OPERATOR)] if listed else []
+
+
+def _listed_differences(source_values: dict[str, str], target: dict[str, str], item: str) -> str:
+    return ", ".join(item.format(name=name, value=value, target=target.get(name, "default"))
+                     for name, value in sorted(source_values.items()) if target.get(name) != value)
 
 
 SOURCE_CHECKS: list[Check] = [

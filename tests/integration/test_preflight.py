@@ -180,7 +180,32 @@ def _context(upgrade, source, target=None, application_roles=()) -> preflight.Co
     """The checks' context on the given connections (another role's, another session's settings)."""
     return preflight.Context(source=source, request=upgrade.request, tables=[], source_info=upgrade.source,
                              replication_user="replicator", application_roles=list(application_roles),
-                             target=target, target_id=upgrade.target_id)
+                             target=target, target_id=upgrade.target_id,
+                             target_parameter_group=upgrade.parameter_group)
+
+
+def test_a_library_the_source_preloads_and_the_target_does_not_blocks_naming_it(build):
+    topo, make = build
+    _restart_preloading(topo.old_pg, "pg_stat_statements")
+    try:
+        with closing(topo.old_pg.connect(dbname="app")) as source, closing(topo.new_pg.connect(dbname="app")) as target:
+            found = preflight.preload_libraries(_context(make(), source, target))
+    finally:
+        _restart_preloading(topo.old_pg, None)
+    assert found == [preflight.block(
+        "preload_libraries", "pg_stat_statements: in the source's shared_preload_libraries but not loaded on "
+        "orders-db-pg17; add pg_stat_statements to shared_preload_libraries in parameter group orders-db-pg17-native "
+        "and reboot the target")]
+
+
+def _restart_preloading(server, library: str | None) -> None:
+    with closing(server.connect()) as connection, connection.cursor() as cursor:
+        if library:
+            cursor.execute("ALTER SYSTEM SET shared_preload_libraries = %s", (library,))
+        else:
+            cursor.execute("ALTER SYSTEM RESET shared_preload_libraries")
+    server.stop()
+    server.ensure_running()
 
 
 def test_roles_valid_until_compares_the_instant_whatever_each_session_s_time_zone(build):
@@ -272,8 +297,11 @@ def test_a_long_write_transaction_in_the_source_database_with_lag_under_the_thre
 def test_lag_above_the_threshold_names_the_long_write_transaction_in_the_source_database(build):
     topo, make = build
     upgrade = replicating(make(max_open_transaction_seconds=1, lag_threshold_bytes=0), in_sync=True)
-    with topo.new_pg.connect(dbname="app") as target, target.cursor() as cursor:
+    with closing(topo.new_pg.connect(dbname="app")) as target, target.cursor() as cursor:
         cursor.execute(f"ALTER SUBSCRIPTION {upgrade.key}_fwd DISABLE")  # the apply stops: lag builds up
+    with closing(topo.old_pg.connect(dbname="app")) as source:
+        _wait_for(source, f"SELECT NOT active FROM pg_replication_slots WHERE slot_name = '{upgrade.key}_fwd'")
+        source.cursor().execute("UPDATE public.orders SET amount = amount")  # committed, never confirmed
     with closing(_open_write_transaction(topo)) as holder:
         time.sleep(1.5)
         pid = holder.get_backend_pid()
