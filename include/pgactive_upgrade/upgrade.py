@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
-from pgactive_upgrade import catalog, fencing, matviews, preflight, rds, sequences, switch_state, verify
+from pgactive_upgrade import catalog, fencing, health, matviews, preflight, rds, sequences, switch_state, verify
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
@@ -79,19 +78,8 @@ class Upgrade:
             admin=self.admin,
             replication=self.replication,
             tables=tuple(self.tables()),
-            filters_args=tuple(self._dump_filter_args()),
+            filters=self.request.filters,
         )
-
-    def _dump_filter_args(self) -> list[str]:
-        f = self.request.filters
-        # pg_dump reads these as patterns that fold case unless quoted
-        args = [f'--schema="{s}"' for s in f.include_schemas] + [f'--exclude-schema="{s}"' for s in f.exclude_schemas]
-        args += [f"--table={_quoted(t)}" for t in f.include_tables] + [f"--exclude-table={_quoted(t)}" for t in f.exclude_tables]
-        if f.include_tables:  # with --table, pg_dump ignores --schema: name the marker table too
-            args.append(f"--table={_quoted(catalog.META_SCHEMA + '.' + 'cutover_marker')}")
-        elif f.include_schemas:
-            args.append(f'--schema="{catalog.META_SCHEMA}"')
-        return args
 
     def driver(self) -> ReplicationDriver:
         """One driver per Upgrade (one task): building it describes the target and lists the source's tables."""
@@ -346,56 +334,22 @@ class Upgrade:
 
     def conflict_marks(self) -> dict:
         """Where each node's conflict history stands now (active-active drivers); {} when the driver has none."""
-        marks = getattr(self.driver(), "conflict_marks", None)
-        return marks() if marks else {}
+        return self.driver().conflict_marks()
 
     def health_check(self, conflict_baseline: dict | None = None) -> tuple[list[str], Lag]:
         """Problems after a phase, and the lag measured for them.
         conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count."""
         driver = self.driver()
-        if conflict_baseline is not None and hasattr(driver, "conflict_baseline"):
+        if conflict_baseline is not None:
             driver.conflict_baseline = conflict_baseline
         problems = driver.problems()
         lag = driver.lag()
         if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
             problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
-        problems += self._probe_problems()
+        problems += health.probe_problems(self.endpoint(self.target()), self.admin, self.request.health_probes,
+                                          self.request.probe_budget_ms)
         emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
         return problems, lag
-
-    def _probe_problems(self) -> list[str]:
-        """The target answers, and each probe query succeeds, within the latency budget."""
-        budget = self.request.probe_budget_ms
-        started = time.monotonic()
-        try:
-            connection = connect(self.endpoint(self.target()), self.admin, connect_timeout=max(2, math.ceil(budget / 1000)))
-        except Exception as error:
-            return [f"target does not accept connections: {type(error).__name__}: {str(error).strip()[:200]}"]
-        try:
-            query(connection, "SELECT set_config('statement_timeout', %s, false)", (str(budget),))
-            connection.set_session(readonly=True, autocommit=False)  # every probe in a READ ONLY transaction, rolled back
-            probes = [("connect+SELECT 1", "SELECT 1")] + [
-                (f"health_probes[{index}]", probe) for index, probe in enumerate(self.request.health_probes)
-            ]
-            problems = []
-            for name, statement in probes:
-                try:
-                    took = self._timed(connection, statement, started if name.startswith("connect") else time.monotonic())
-                except Exception as error:
-                    problems.append(f"{name} failed: {type(error).__name__}: {str(error).strip()[:200]}")
-                    continue
-                finally:
-                    connection.rollback()
-                if took > budget:
-                    problems.append(f"{name} took {took} ms, over the {budget} ms budget")
-            return problems
-        finally:
-            connection.close()
-
-    @staticmethod
-    def _timed(connection, statement: str, started: float) -> float:
-        query(connection, statement)
-        return round((time.monotonic() - started) * 1000, 1)
 
     def rollback(self, token: str) -> dict:
         if rds.describe_instance(self.rds_client, self.target_id) is None:
@@ -492,11 +446,6 @@ class Upgrade:
         if not isinstance(result, rds.Wait):
             emit("source_decommissioned", source=self.request.source_identifier, snapshot=snapshot_id)
         return result
-
-
-def _quoted(qualified_name: str) -> str:
-    schema, table = qualified_name.split(".")
-    return f'"{schema}"."{table}"'
 
 
 def verify_error(report: verify.Report, behind: dict) -> verify.VerificationError:

@@ -61,7 +61,7 @@ def make_link(topology) -> Link:
         admin=admin,
         replication=Credentials("replicator", topology.credentials["replicator"]),
         tables=tuple(tables),
-        filters_args=("--exclude-schema=scratch",),
+        filters=FILTERS,
     )
 
 

@@ -11,7 +11,7 @@ from psycopg2 import sql
 
 from pgactive_upgrade import schema_drift
 from pgactive_upgrade.catalog import META_SCHEMA, Table
-from pgactive_upgrade.config import slug
+from pgactive_upgrade.config import Filters, slug
 from pgactive_upgrade.db import Credentials, Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
 
@@ -36,7 +36,7 @@ class Link:
     admin: Credentials = field(repr=False)
     replication: Credentials = field(repr=False)
     tables: tuple[Table, ...]
-    filters_args: tuple[str, ...] = ()  # pg_dump selection switches
+    filters: Filters = field(default_factory=Filters)  # what the schema copy selects
 
     @property
     def key(self) -> str:
@@ -67,6 +67,7 @@ class HealthLimits:
 class ReplicationDriver(ABC):
     name: ClassVar[str]
     active_active: ClassVar[bool]
+    conflict_baseline: dict[str, int] | None = None  # conflicts an operator already saw (active-active drivers)
     health_limits: HealthLimits = HealthLimits()
 
     def __init__(self, link: Link):
@@ -109,6 +110,10 @@ class ReplicationDriver(ABC):
     @abstractmethod
     def detach(self) -> dict:
         """Stop replicating between the nodes and remove the driver's objects; idempotent."""
+
+    def conflict_marks(self) -> dict[str, int]:
+        """Where each node's conflict history stands now; {} for a driver that cannot conflict."""
+        return {}
 
     def problems(self) -> list[str]:
         """Health problems of the replication right now; empty when healthy."""

@@ -14,6 +14,7 @@ import psycopg2
 from psycopg2 import sql
 
 from pgactive_upgrade.catalog import META_SCHEMA, missing_tables, user_tables
+from pgactive_upgrade.config import Filters
 from pgactive_upgrade.db import conninfo, execute, qualified, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication.base import MARKER_TABLE, Lag, ReplicationDriver, ReplicationError
@@ -101,13 +102,14 @@ class NativeDriver(ReplicationDriver):
     def _dump_and_restore(self, major: int) -> None:
         pg_dump, psql = find_program("pg_dump", major), find_program("psql", major)
         env = {**os.environ, "PGPASSWORD": self.link.admin.password, "PGAPPNAME": "pgactive_upgrade"}
-        if any(arg.startswith("--table=") for arg in self.link.filters_args):
+        selection = dump_selection(self.link.filters)
+        if self.link.filters.include_tables:
             self._create_schemas()  # a dump of single tables carries no CREATE SCHEMA
         with tempfile.NamedTemporaryFile(suffix=".sql") as dump:
             source = self.link.source.endpoint
             self._run(
                 [str(pg_dump), "--schema-only", "--no-publications", "--no-subscriptions", "-f", dump.name,
-                 "-h", source.host, "-p", str(source.port), "-U", self.link.admin.user, *self.link.filters_args, source.dbname],
+                 "-h", source.host, "-p", str(source.port), "-U", self.link.admin.user, *selection, source.dbname],
                 env,
                 "pg_dump of the source schema",
             )
@@ -339,3 +341,20 @@ def keep_statement_out_of_server_log(connection) -> None:
             query(connection, "SELECT set_config(%s, %s, false)", (setting, value))
         except psycopg2.Error:
             pass
+
+
+def dump_selection(filters: Filters) -> list[str]:
+    """pg_dump's switches for the filters; it reads them as patterns that fold case unless quoted."""
+    args = [f'--schema="{s}"' for s in filters.include_schemas] + [f'--exclude-schema="{s}"' for s in filters.exclude_schemas]
+    args += [f"--table={_quoted(t)}" for t in filters.include_tables]
+    args += [f"--exclude-table={_quoted(t)}" for t in filters.exclude_tables]
+    if filters.include_tables:  # with --table, pg_dump ignores --schema: name the marker table too
+        args.append(f"--table={_quoted(META_SCHEMA + '.' + MARKER_TABLE)}")
+    elif filters.include_schemas:
+        args.append(f'--schema="{META_SCHEMA}"')
+    return args
+
+
+def _quoted(qualified_name: str) -> str:
+    schema, table = qualified_name.split(".")
+    return f'"{schema}"."{table}"'

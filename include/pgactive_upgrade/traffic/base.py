@@ -79,11 +79,16 @@ class TrafficController(ABC):
         if close_sessions_of == "source":
             self.close_source_sessions(writes_first)
         elif close_sessions_of == "target":
-            getattr(self, "close_target_sessions", lambda names: None)(writes_first)
+            self.close_target_sessions(writes_first)
 
     def close_source_sessions(self, route_names: Sequence[str] | None = None) -> list[str]:
         """Close sessions still held to the source; returns the routes where that was done. DNS-based controllers
         cannot reach established connections (pools must be recycled), so the default does nothing."""
+        self.select_routes(route_names)
+        return []
+
+    def close_target_sessions(self, route_names: Sequence[str] | None = None) -> list[str]:
+        """The same for sessions held to the target (after a rollback); the default does nothing."""
         self.select_routes(route_names)
         return []
 
