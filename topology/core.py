@@ -21,7 +21,9 @@ PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
 class Topology:
-    def __init__(self, state_dir: Path | str = Path(".local/demo"), ports: Ports | None = None):
+    def __init__(self, state_dir: Path | str = Path(".local/demo"), ports: Ports | None = None,
+                 server_settings: dict | None = None):
+        """server_settings: PostgreSQL settings over the defaults on both servers (written when a server starts)."""
         state_dir = Path(state_dir)
         self.state_dir = state_dir if state_dir.is_absolute() else REPO_ROOT / state_dir
         self.ports = ports or Ports.from_base(25400)
@@ -30,9 +32,9 @@ class Topology:
         self._load_credentials()
         socket_dir = self.state_dir / "sock"
         self.old_pg = Server("old", 15, self.ports.old_pg, self.state_dir / "old_pg", socket_dir,
-                             self.credentials, old_pg_bin_dir)
+                             self.credentials, old_pg_bin_dir, server_settings)
         self.new_pg = Server("new", 17, self.ports.new_pg, self.state_dir / "new_pg", socket_dir,
-                             self.credentials, new_pg_bin_dir)
+                             self.credentials, new_pg_bin_dir, server_settings)
         self.moto = MotoServer(self.state_dir, self.ports.moto)
         self.moto_url = self.moto.url
         self.haproxy = HAProxy(self.state_dir, self.ports.haproxy_write, self.ports.haproxy_read,

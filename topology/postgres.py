@@ -37,7 +37,7 @@ class Server:
     host = HOST
 
     def __init__(self, name: str, major: int, port: int, base_dir: Path, socket_dir: Path,
-                 credentials: dict[str, str], resolve_bin_dir: Callable[[], Path]):
+                 credentials: dict[str, str], resolve_bin_dir: Callable[[], Path], settings: dict | None = None):
         self.name = name
         self.major = major
         self.port = port
@@ -48,6 +48,7 @@ class Server:
         self._credentials = credentials
         self._resolve_bin_dir = resolve_bin_dir
         self._bin_dir: Path | None = None
+        self.extra_settings = dict(settings or {})  # over the defaults (e.g. a fleet bench's capacity)
 
     def __repr__(self) -> str:
         return f"Server({self.name!r}, major={self.major}, port={self.port})"
@@ -168,6 +169,7 @@ class Server:
         }
         if self.pgactive:
             settings.update(self._pgactive_settings())
+        settings.update(self.extra_settings)
         conf = self.data_dir / "topology.conf"
         conf.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
         _chown_to_postgres(conf)
