@@ -61,7 +61,8 @@ with DAG(
     )
     install_extension = InstallExtensionOperator(task_id="install_extension", execution_timeout=timedelta(minutes=3))
     with TaskGroup("init_replication_group") as init_replication_group:
-        BuildReplicationOperator(task_id="build_replication", execution_timeout=timedelta(minutes=30))
+        # pgactive's join copies the whole database: waited for deferred, within this timeout
+        BuildReplicationOperator(task_id="build_replication", execution_timeout=timedelta(hours=24))
     wait_for_sync = WaitForSyncSensor(task_id="wait_for_sync", timeout=timedelta(hours=24).total_seconds(), poll_interval=5)
     prepare_target = PrepareTargetOperator(task_id="prepare_target", execution_timeout=timedelta(hours=1))
 

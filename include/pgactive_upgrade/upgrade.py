@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
-from pgactive_upgrade import catalog, fencing, health, matviews, preflight, rds, sequences, switch_state, verify
+from pgactive_upgrade import catalog, fencing, health, join_repair, matviews, preflight, rds, sequences, switch_state, verify
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication import DRIVERS, Lag, Link, Node, ReplicationDriver, driver_for
+from pgactive_upgrade.replication import DRIVERS, Joining, Lag, Link, Node, ReplicationDriver, driver_for
 from pgactive_upgrade.replication.base import HealthLimits
 from pgactive_upgrade.rollback import Rollback
 from pgactive_upgrade.switch_state import CUTOVER, DETACH, SwitchState
@@ -298,17 +298,31 @@ class Upgrade:
             fencing.ensure_record_table(connection)
         return self.driver().install()
 
-    def build_group(self) -> dict:
+    def build_group(self) -> dict | Joining:
         with connected(self.endpoint(self.source), self.admin) as connection:
             self.check_not_switched(connection)
         driver = self.driver()
-        result = driver.build()
-        if not driver.active_active:
+        result = driver.build(wait=False)
+        if isinstance(result, Joining):  # pgactive copying the database: waited for in the triggerer
+            return result
+        if driver.active_active:
+            result["join_repair"] = self._repair_join()
+        else:
             target = self.endpoint(self.target())
             with connected(target, self.admin) as connection:
                 fencing.set_read_only(connection, target.dbname, self.application_roles(connection))
         emit("replication_started", **{k: v for k, v in result.items() if k != "created"})
         return result
+
+    def _repair_join(self) -> dict:
+        """What the join lost, sent again (join_repair.py); only while no route sends anything to the target, the
+        source then being the only node applications write to."""
+        split = self.controller().read_split()
+        if any(split.values()):
+            emit("join_repair_skipped", reason="traffic already reaches the target", split=split)
+            return {"skipped": True, "split": split}
+        return join_repair.repair(self.endpoint(self.source), self.endpoint(self.target()), self.admin, self.tables(),
+                                  parallelism=self.request.verify_parallelism)
 
     def lag(self) -> Lag:
         return self.driver().lag()

@@ -21,6 +21,8 @@ TRIGGERS = [
     triggers.SwitchWatchdogTrigger(source=NODE, db_conn_id="pgu_db_admin", key="pgu_orders_db",
                                    dag_id="pgactive_rolling_upgrade", run_id="r1", cutover_task_id="cutover", halt_key="h"),
     triggers.SettleTrigger(seconds=60, halt_key="h", run_id="r1"),
+    triggers.JoinTrigger(driver="pgactive", source=NODE, target={**NODE, "identifier": "orders-db-pg17"},
+                         db_conn_id="pgu_db_admin"),
     *(triggers.rds_wait_trigger(rds.Wait("orders-db-pg17", until, "why"), "pgu_aws", 30)
       for until in (rds.AVAILABLE, rds.IN_SYNC, rds.DELETED)),
 ]
@@ -53,6 +55,7 @@ RESUMES = [
     (operators.CutoverWatchdogOperator(task_id="watchdog"), "execute_complete", {"status": "running"}),
     (operators.ConfigureParametersOperator(task_id="configure_parameters"), "resume_after_wait", {"status": "pending"}),
     (operators.PhaseHealthCheckOperator(task_id="check", percent=10), "check_after_settle", {"status": "late"}),
+    (operators.BuildReplicationOperator(task_id="build_replication"), "after_join", {"status": "joining"}),
 ]
 
 

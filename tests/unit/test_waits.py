@@ -17,8 +17,8 @@ BOUNDED = {
     "verify.Verification._confirm": "0.05-0.15 s between re-checks of a row",
     "replication.pgactive.PgactiveDriver._join_dead": "a few polls of the per-db worker",
     "replication.pgactive.PgactiveDriver._wait_without_perdb_worker": "30 s: pgactive's worker stopping",
-    # The one long wait left in a task: the pgactive join (the initial copy) inside build_replication.
-    "replication.pgactive.PgactiveDriver._wait_for_status": "pgactive's initial copy (ready_timeout_seconds)",
+    # build(wait=True) only (tests and benches): build_replication waits for the join deferred (JoinTrigger).
+    "replication.pgactive.PgactiveDriver._wait_for_status": "the join, when a caller asks build() to wait",
 }
 TRIGGERS = "airflow.triggers"  # triggers wait by design (asyncio.sleep in the triggerer)
 

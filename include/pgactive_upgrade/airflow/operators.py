@@ -12,6 +12,7 @@ from pgactive_upgrade import config, progress, rds
 from pgactive_upgrade.airflow import state
 from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf, upgrade_from_request
 from pgactive_upgrade.airflow.triggers import (
+    JoinTrigger,
     PhaseGateTrigger,
     ReplicationLagTrigger,
     SettleTrigger,
@@ -22,6 +23,7 @@ from pgactive_upgrade.airflow.triggers import (
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.rollback import early_switch_to_source
+from pgactive_upgrade.replication import Joining
 from pgactive_upgrade.switch_state import LockBusy
 from pgactive_upgrade.upgrade import AlreadySwitchedError, Upgrade
 
@@ -134,6 +136,9 @@ class RefreshMaterializedViewsOperator(UpgradeStepOperator):
 
 
 class BuildReplicationOperator(UpgradeStepOperator):
+    """Copies the schema and starts replicating; a pgactive join (a copy of the whole database) is waited for
+    deferred, then the step runs again to finish (grants, sequences)."""
+
     def step(self, upgrade, context):
         record = state.read(progress.record_key(upgrade.request.source_identifier)) or {}
         if record.get("cut_over"):
@@ -141,7 +146,23 @@ class BuildReplicationOperator(UpgradeStepOperator):
                 f"replication cannot be built again: traffic was cut over to the target at {record['cut_over']}"
             )
         result = upgrade.build_group()
+        if isinstance(result, Joining):
+            link = upgrade.link()
+            emit("waiting_for_join", node=result.node)
+            state.record_step(context, upgrade.request.source_identifier, self.task_id, "waiting", waiting_for="join")
+            self.defer(trigger=JoinTrigger(driver=upgrade.request.replication_driver, source=_node_spec(link.source),
+                                           target=_node_spec(link.target), db_conn_id=upgrade.request.db_conn_id),
+                       method_name="after_join")
         return {**result, "conflict_baseline": upgrade.conflict_marks()}
+
+    def after_join(self, context, event: dict[str, Any] | None = None) -> Any:
+        event = checked_event(event, "ready", "failed")
+        if event["status"] == "failed":
+            upgrade = upgrade_from(context)
+            cleaned = upgrade.driver().clean_failed_join()
+            raise AirflowFailException(f"the target's join failed ({event['message']}); cleaned up ({cleaned}): the "
+                                       "joining node's server log has the cause; fix it and clear this task")
+        return self.execute(context)
 
     def progress_fields(self, result):
         return {"conflict_baseline": result["conflict_baseline"]}

@@ -313,3 +313,44 @@ def rds_wait_trigger(wait: rds.Wait, aws_conn_id: str, poll_seconds: int) -> Bas
     if wait.until == rds.DELETED:
         return RdsDbDeletedTrigger(**common, response={}, db_type="instance")
     return RdsParametersInSyncTrigger(**common)
+
+
+class JoinTrigger(BaseTrigger):
+    """Waits in the triggerer while the target joins the replication group (pgactive copies the whole database):
+    `ready`, or `failed` when the joining node is listed without its worker for `stalled_polls` polls in a row."""
+
+    def __init__(self, *, driver: str, source: dict[str, Any], target: dict[str, Any], db_conn_id: str,
+                 poll_interval: float = 5.0, stalled_polls: int = 3):
+        super().__init__()
+        self.driver, self.source, self.target, self.db_conn_id = driver, source, target, db_conn_id
+        self.poll_interval, self.stalled_polls = poll_interval, stalled_polls
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"driver": self.driver, "source": self.source, "target": self.target, "db_conn_id": self.db_conn_id,
+                 "poll_interval": self.poll_interval, "stalled_polls": self.stalled_polls})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        connection = await sync_to_async(BaseHook.get_connection)(self.db_conn_id)
+        admin = Credentials(connection.login, connection.password)
+        link = Link(source=_node(self.source), target=_node(self.target), admin=admin,
+                    replication=Credentials("", ""), tables=())
+        driver = driver_for(self.driver, link)
+        stalled = 0
+        while True:
+            try:
+                progress_now = await asyncio.to_thread(driver.join_progress)
+            except Exception as error:  # a transient connection failure must not end the wait
+                self.log.warning("join progress unknown: %s", type(error).__name__)
+                progress_now = "joining"
+            # While pgactive restores the copy the node is not listed at all: only a listed node without its worker
+            # means the join died (the task's timeout bounds the rest).
+            stalled = stalled + 1 if progress_now == "stalled" else 0
+            if progress_now == "ready":
+                yield TriggerEvent({"status": "ready"})
+                return
+            if stalled >= self.stalled_polls:
+                yield TriggerEvent({"status": "failed",
+                                    "message": f"the joining node was {progress_now} for {stalled} polls"})
+                return
+            await asyncio.sleep(self.poll_interval)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgactive_upgrade.replication.base import Lag, Link, Node, ReplicationDriver, ReplicationError
+from pgactive_upgrade.replication.base import Joining, Lag, Link, Node, ReplicationDriver, ReplicationError
 from pgactive_upgrade.replication.native import NativeDriver
 from pgactive_upgrade.replication.pgactive import PgactiveDriver
 
@@ -19,4 +19,4 @@ def driver_for(name: str, link: Link) -> ReplicationDriver:
         raise ValueError(f"replication_driver: unknown driver {name!r}, expected one of {sorted(DRIVERS)}") from None
 
 
-__all__ = ["Lag", "Link", "Node", "ReplicationDriver", "ReplicationError", "driver_for", "NOT_BUILT", "NativeDriver", "PgactiveDriver"]
+__all__ = ["Joining", "Lag", "Link", "Node", "ReplicationDriver", "ReplicationError", "driver_for", "NOT_BUILT", "NativeDriver", "PgactiveDriver"]

@@ -48,6 +48,12 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Joining:
+    """The target is joining (copying the database): the step comes back once join_progress() says 'ready'."""
+    node: str
+
+
+@dataclass(frozen=True)
 class Lag:
     bytes: int | None  # None: unknown, which counts as unhealthy
     synced: bool
@@ -84,8 +90,13 @@ class ReplicationDriver(ABC):
         """Prepare both nodes (extension, helper objects); idempotent."""
 
     @abstractmethod
-    def build(self) -> dict:
-        """Copy the schema and start replicating source -> target; idempotent."""
+    def build(self, wait: bool = True) -> dict | Joining:
+        """Copy the schema and start replicating source -> target; idempotent. wait=False: a driver whose build
+        waits for a join returns Joining instead (the caller waits elsewhere, then calls build again)."""
+
+    def join_progress(self) -> str:
+        """'ready', 'joining', 'stalled' (the join's worker is not running) or 'absent', for a driver that joins."""
+        return "ready"
 
     @abstractmethod
     def lag(self) -> Lag:

@@ -68,7 +68,7 @@ class NativeDriver(ReplicationDriver):
         tables = self.link.tables
         return query(connection, _PARTITIONS, ([t.schema for t in tables], [t.name for t in tables]))
 
-    def build(self) -> dict:
+    def build(self, wait: bool = True) -> dict:
         copied = self.copy_schema()
         with self.source() as source:
             self._ensure_publication(source, self.link.key)

@@ -21,7 +21,7 @@ from pgactive_upgrade.catalog import META_SCHEMA
 from pgactive_upgrade.config import Filters, slug
 from pgactive_upgrade.db import Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication.base import Lag, Node, ReplicationDriver, ReplicationError
+from pgactive_upgrade.replication.base import Joining, Lag, Node, ReplicationDriver, ReplicationError
 
 STATUS_NAMES = {"b": "beginning", "i": "initializing", "c": "catching up", "o": "creating outbound slots",
                 "r": "ready", "k": "detached"}
@@ -118,17 +118,24 @@ class PgactiveDriver(ReplicationDriver):
             sql.Identifier(admin.user), server, (_set_options if mapped else _add_options)(credentials)))
 
     # --- build ---------------------------------------------------------------------------------
-    def build(self) -> dict:
+    def build(self, wait: bool = True) -> dict | Joining:
         started = time.monotonic()
         source_name, target_name = self.node_name(self.link.source), self.node_name(self.link.target)
-        if self._local_status(self.link.target) == "r" and self._local_status(self.link.source) == "r":
+        if self.join_progress() == "ready":
             self.grant_conflict_lookup()
             moved = self.align_sequences()
             return {"group": source_name, "joined": target_name, "created": False, "sequences_moved": len(moved)}
+        if not wait and self.join_progress() == "joining":
+            return Joining(target_name)  # an earlier attempt's join is still copying
         self._clean_failed_join_if_any()
         created = self._ensure_group()
         excluded = self._exclude_filtered_tables()
+        # Before the join: its catch-up applies writes made meanwhile as the tables' owners, who need the grants.
+        self.grant_conflict_lookup()
         self._join()
+        if not wait:
+            emit("pgactive_joining", node=target_name, group=source_name, created=created, excluded=len(excluded))
+            return Joining(target_name)
         self.wait_until_ready(started)
         self.grant_conflict_lookup()
         moved = self.align_sequences()
@@ -137,6 +144,25 @@ class PgactiveDriver(ReplicationDriver):
              sequences_moved=len(moved))
         return {"group": source_name, "joined": target_name, "created": created, "excluded_tables": excluded,
                 "sequences_moved": len(moved), "seconds": seconds}
+
+    def join_progress(self) -> str:
+        """'ready' once both nodes see the target ready; 'joining' while it copies; 'stalled' while it is joining
+        without a worker (a join that died, after a few such polls); 'absent' when it is in no group (or detached)."""
+        target = self._local_status(self.link.target)
+        if target == "r":
+            return "ready" if self._status_seen_from(self.link.source, self.link.target) == "r" else "joining"
+        if target in ("b", "i"):
+            with self.target() as connection:
+                return "joining" if self._perdb_worker_running(connection) else "stalled"
+        return "joining" if target in ("c", "o") else "absent"  # catching up, creating its slots
+
+    def _status_seen_from(self, observer: Node, node: Node) -> str | None:
+        with self._connect(observer) as connection:
+            if not self._extension_present(connection):
+                return None
+            rows = query(connection, "SELECT node_status::text FROM pgactive.pgactive_nodes WHERE node_name = %s",
+                         (self.node_name(node),))
+        return rows[0][0] if rows else None
 
     def _local_status(self, node: Node) -> str | None:
         """The node's own view of its status; None when pgactive is not active in its database."""
@@ -279,6 +305,8 @@ class PgactiveDriver(ReplicationDriver):
         owners = set()
         for node in self.nodes:
             with self._connect(node) as connection:
+                if not self._extension_present(connection):
+                    continue  # not joined yet: the join's copy brings these grants from the source
                 rows = query(
                     connection,
                     "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
