@@ -36,6 +36,18 @@ def provision_metadata_db(server: Server, state_dir: Path, name: str = DEFAULT_N
     return PostgresMetadataDb(host=server.host, port=server.port, dbname=name, user=name, password=password)
 
 
+def drop_metadata_db(server: Server, name: str = DEFAULT_NAME) -> None:
+    """Remove the database and its role: the server is also an upgrade's target, whose login roles an upgrade
+    discovers as application roles."""
+    connection = server.connect()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            cursor.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+    finally:
+        connection.close()
+
+
 def scram_verifier(password: str, salt: bytes | None = None) -> str:
     """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5803 format)."""
     salt = salt or os.urandom(16)

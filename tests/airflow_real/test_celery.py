@@ -15,7 +15,7 @@ from psycopg2 import sql
 
 from tests.airflow_real.runs import states_of
 from topology.airflow_local import LocalAirflow
-from topology.airflow_metadb import provision_metadata_db
+from topology.airflow_metadb import drop_metadata_db, provision_metadata_db
 from topology.demo import demo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
@@ -40,9 +40,12 @@ def celery_airflow(topology, tmp_path_factory):
         metadata_db=metadata_db,
         celery_broker_port=topology.ports.redis,
     )
-    instance.start(timeout=300)
-    yield instance
-    instance.stop()
+    try:
+        instance.start(timeout=300)
+        yield instance
+    finally:
+        instance.stop()
+        drop_metadata_db(topology.new_pg)
     assert not instance.processes() and not instance.redis.is_running(), "stop() leaves nothing running"
 
 
