@@ -26,7 +26,7 @@ import psycopg2
 from psycopg2 import sql
 
 from topology import Ports, Topology, aws, seed
-from topology.airflow_local import LocalAirflow
+from topology.airflow_local import AirflowApiError, LocalAirflow
 from topology.airflow_metadb import provision_metadata_db
 from topology.postgres import HOST, Server
 from topology.slow_rds import SlowRds
@@ -192,10 +192,7 @@ class Monitor:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
-        db = self.airflow.metadata_db
-        self.connection = psycopg2.connect(host=db.host, port=db.port, dbname=db.dbname, user=db.user,
-                                           password=db.password, application_name=MONITOR_NAME)
-        self.connection.autocommit = True
+        self.connection = metadata_connection(self.airflow)
         self.triggerer = self.airflow._read_pid("triggerer")
         self._cpu(first=True)
         self.thread = threading.Thread(target=self._loop, name="fleet-monitor", daemon=True)
@@ -280,20 +277,23 @@ def measure(airflow: LocalAirflow, topo: Topology, slow: SlowRds, zone_id: str, 
     calls_before = len(slow.calls)
     started = time.monotonic()
     for k, run_id in zip(sources, run_ids):
-        airflow.trigger(UPGRADE, conf(topo, zone_id, k, args), run_id=run_id)
+        trigger(airflow, conf(topo, zone_id, k, args), run_id)
     triggered = time.monotonic() - started
     ended: dict[str, tuple[str, float]] = {}
     deadline = started + args.timeout
+    states = metadata_connection(airflow)  # the api-server answers slowly under a fleet: run states from the database
     try:
         while len(ended) < len(run_ids) and time.monotonic() < deadline:
-            for run_id in run_ids:
-                if run_id not in ended:
-                    state = airflow.run_state(UPGRADE, run_id)
-                    if state in ("success", "failed"):
+            with states.cursor() as cursor:
+                cursor.execute("SELECT run_id, state FROM dag_run WHERE dag_id = %s AND run_id = ANY(%s)",
+                               (UPGRADE, run_ids))
+                for run_id, state in cursor.fetchall():
+                    if run_id not in ended and state in ("success", "failed"):
                         ended[run_id] = (state, time.monotonic() - started)
                         print(f"   {label} {run_id}: {state} after {ended[run_id][1]:.1f} s", flush=True)
             time.sleep(1)
     finally:
+        states.close()
         monitor.finish()
     wall = max((t for _, t in ended.values()), default=time.monotonic() - started)
     figures = summarize(monitor, run_ids, ended, wall, triggered)
@@ -302,6 +302,29 @@ def measure(airflow: LocalAirflow, topo: Topology, slow: SlowRds, zone_id: str, 
         if ended.get(run_id, ("",))[0] != "success":
             figures.setdefault("not_succeeded", {})[run_id] = states_of(airflow, run_id)
     return figures
+
+
+def trigger(airflow: LocalAirflow, body: dict, run_id: str, attempts: int = 5) -> None:
+    """A trigger call that timed out may have created the run: a retry answering 409 means it did."""
+    for attempt in range(attempts):
+        try:
+            airflow.trigger(UPGRADE, body, run_id=run_id)
+            return
+        except AirflowApiError as error:
+            if error.status == 409 and attempt:
+                return
+            raise
+        except OSError as error:  # a timeout of the api-server
+            print(f"   trigger {run_id}: {type(error).__name__}, again", flush=True)
+    raise RuntimeError(f"could not trigger {run_id}")
+
+
+def metadata_connection(airflow: LocalAirflow):
+    db = airflow.metadata_db
+    connection = psycopg2.connect(host=db.host, port=db.port, dbname=db.dbname, user=db.user, password=db.password,
+                                  application_name=MONITOR_NAME)
+    connection.autocommit = True
+    return connection
 
 
 def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, triggered: float) -> dict:
@@ -342,8 +365,12 @@ def slot_seconds(samples: list[Sample], interval: float) -> dict[str, float]:
 
 
 def states_of(airflow: LocalAirflow, run_id: str) -> dict[str, str | None]:
+    try:
+        tis = airflow.task_instances(UPGRADE, run_id)
+    except (AirflowApiError, OSError) as error:
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
     return {ti["task_id"] + ("" if ti.get("map_index", -1) == -1 else f"[{ti['map_index']}]"): ti["state"]
-            for ti in airflow.task_instances(UPGRADE, run_id) if ti["state"] != "success"}
+            for ti in tis if ti["state"] != "success"}
 
 
 def describe(label: str, figures: dict) -> str:
