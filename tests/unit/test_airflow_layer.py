@@ -9,7 +9,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import rds
-from pgactive_upgrade.airflow import operators, triggers
+from pgactive_upgrade.airflow import operators, rds_triggers, triggers
 
 NODE = {"identifier": "orders-db", "host": "127.0.0.1", "port": 5432, "dbname": "app"}
 TRIGGERS = [
@@ -23,7 +23,7 @@ TRIGGERS = [
     triggers.SettleTrigger(seconds=60, halt_key="h", run_id="r1"),
     triggers.JoinTrigger(driver="pgactive", source=NODE, target={**NODE, "identifier": "orders-db-pg17"},
                          db_conn_id="pgu_db_admin"),
-    *(triggers.rds_wait_trigger(rds.Wait("orders-db-pg17", until, "why"), "pgu_aws", 30)
+    *(rds_triggers.rds_wait_trigger(rds.Wait("orders-db-pg17", until, "why"), "pgu_aws", 30)
       for until in (rds.AVAILABLE, rds.IN_SYNC, rds.DELETED)),
 ]
 
@@ -37,15 +37,15 @@ def test_every_trigger_round_trips_through_serialize(trigger):
 
 
 def test_rds_waits_use_the_provider_triggers_and_ours_for_in_sync():
-    kinds = {until: type(triggers.rds_wait_trigger(rds.Wait("x", until, "why"), "pgu_aws", 10)).__name__
+    kinds = {until: type(rds_triggers.rds_wait_trigger(rds.Wait("x", until, "why"), "pgu_aws", 10)).__name__
              for until in (rds.AVAILABLE, rds.IN_SYNC, rds.DELETED)}
     assert kinds == {rds.AVAILABLE: "RdsDbAvailableTrigger", rds.IN_SYNC: "RdsParametersInSyncTrigger",
                      rds.DELETED: "RdsDbDeletedTrigger"}
-    assert triggers.rds_wait_trigger(rds.Wait("x", rds.AVAILABLE, "why"), "pgu_aws", 10).attempts == 360
+    assert rds_triggers.rds_wait_trigger(rds.Wait("x", rds.AVAILABLE, "why"), "pgu_aws", 10).attempts == 360
 
 
 def test_our_in_sync_waiter_is_data_the_hook_finds():
-    hook = triggers.UpgradeRdsHook(aws_conn_id=None, region_name="us-east-1")
+    hook = rds_triggers.UpgradeRdsHook(aws_conn_id=None, region_name="us-east-1")
     assert "db_instance_parameters_in_sync" in hook.list_waiters()
 
 

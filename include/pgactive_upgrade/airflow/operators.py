@@ -18,7 +18,6 @@ from pgactive_upgrade.airflow.triggers import (
     SettleTrigger,
     SwitchWatchdogTrigger,
     previous_phase_outcome,
-    rds_wait_trigger,
 )
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.events import emit
@@ -42,6 +41,8 @@ class UpgradeStepOperator(BaseOperator):
         if isinstance(result, rds.Wait):  # an instance is busy: wait in the triggerer, then run the step again
             emit("waiting_for_rds", instance=result.identifier, until=result.until, why=result.why)
             state.record_step(context, source, self.task_id, "waiting", waiting_for=f"{result.identifier}: {result.until}")
+            from pgactive_upgrade.airflow.rds_triggers import rds_wait_trigger  # slow to import: only when waiting
+
             self.defer(trigger=rds_wait_trigger(result, upgrade.request.aws_conn_id, upgrade.request.rds_poll_seconds),
                        method_name="resume_after_wait")
         state.record_step(context, source, self.task_id, "done", **self.progress_fields(result))
