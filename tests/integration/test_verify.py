@@ -30,6 +30,12 @@ def admin_sql(server, *statements) -> None:
             cursor.execute(statement)
 
 
+def source_writes(upgrade) -> list[verify.VerifyNode]:
+    """Before cutover (native): the source takes the writes, the target receives them."""
+    return [verify.VerifyNode("source", upgrade.endpoint(upgrade.source), writer=True),
+            verify.VerifyNode("target", upgrade.endpoint(upgrade.target()), writer=False)]
+
+
 def skew_settings(server) -> None:
     connection = server.connect("postgres", dbname="app")
     connection.autocommit = True
@@ -87,8 +93,7 @@ def test_chunks_cover_every_row_once_and_a_difference_is_named_by_its_chunk(buil
     topo, make = build
     upgrade = replicating(make(), in_sync=True)
     tables = [t for t in upgrade.tables() if t.qualified_name == "public.orders"]
-    nodes = [verify.VerifyNode("source", upgrade.endpoint(upgrade.source), writer=True),
-             verify.VerifyNode("target", upgrade.endpoint(upgrade.target()), writer=False)]
+    nodes = source_writes(upgrade)
     admin = Credentials("postgres", topo.credentials["postgres"])
     with topo.old_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
         cursor.execute("ANALYZE public.orders")
@@ -119,8 +124,7 @@ def test_a_large_chunk_is_narrowed_to_the_rows_that_differ_whatever_the_columns_
     admin_sql(topo.old_pg, *create)  # outside the publication: the same rows created on both nodes
     admin_sql(topo.new_pg, *create, "UPDATE public.odd SET payload = 'changed' WHERE id = 2345")
     tables = [Table("public", "odd", ("id",))]
-    nodes = [verify.VerifyNode("source", upgrade.endpoint(upgrade.source), writer=True),
-             verify.VerifyNode("target", upgrade.endpoint(upgrade.target()), writer=False)]
+    nodes = source_writes(upgrade)
 
     report = verify.Verification(nodes, Credentials("postgres", topo.credentials["postgres"]), tables).run()
 
@@ -134,8 +138,7 @@ def test_a_row_updated_all_the_time_is_checked_row_by_row_and_not_reported(build
     topo, make = build
     upgrade = replicating(make(), in_sync=True)
     tables = [t for t in upgrade.tables() if t.qualified_name == "public.orders"]
-    nodes = [verify.VerifyNode("source", upgrade.endpoint(upgrade.source), writer=True),
-             verify.VerifyNode("target", upgrade.endpoint(upgrade.target()), writer=False)]
+    nodes = source_writes(upgrade)
     admin = Credentials("postgres", topo.credentials["postgres"])
 
     with Churn(app_dsn(topo, topo.old_pg.port), rate=2000), Churn(app_dsn(topo, topo.old_pg.port), rate=2000):
@@ -154,8 +157,7 @@ def test_columns_are_compared_by_name_and_one_missing_on_the_target_is_named(bui
               "INSERT INTO public.cols SELECT g, md5(g::text), g FROM generate_series(1, 100) AS g")
     admin_sql(topo.new_pg, "CREATE TABLE public.cols (id int PRIMARY KEY, b int, a text, added_here_first text)",
               "INSERT INTO public.cols (id, a, b) SELECT g, md5(g::text), g FROM generate_series(1, 100) AS g")
-    nodes = [verify.VerifyNode("source", upgrade.endpoint(upgrade.source), writer=True),
-             verify.VerifyNode("target", upgrade.endpoint(upgrade.target()), writer=False)]
+    nodes = source_writes(upgrade)
     admin = Credentials("postgres", topo.credentials["postgres"])
     tables = [Table("public", "cols", ("id",))]
 
