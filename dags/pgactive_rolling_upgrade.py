@@ -44,7 +44,9 @@ with DAG(
     schedule=None,
     start_date=datetime(2025, 1, 1),
     catchup=False,
-    max_active_runs=16,  # upgrades of different sources run side by side; validate_request refuses a second one of the same source
+    # Upgrades of different sources run side by side (a run mostly waits deferred, holding no worker slot);
+    # validate_request refuses a second one of the same source.
+    max_active_runs=64,
     params=upgrade_params(),
     tags=["postgres", "rds", "upgrade"],
     default_args={"retries": 0},

@@ -47,6 +47,8 @@ def test_instance_creation_and_reboots_are_waited_for_deferred(slow_rds):
 
     assert state == "success", states_of(airflow, UPGRADE, run_id)
     assert "deferred" in seen["configure_parameters"], seen["configure_parameters"]
+    tries = {ti["task_id"]: ti["try_number"] for ti in airflow.task_instances(UPGRADE, run_id)}
+    assert tries["configure_parameters"] == 1, "the waits succeed on their first try (a retry hides a broken trigger)"
     describes = [at for at, action in slow.calls if action == "DescribeDBInstances"]
     created = next(at for at, action in slow.calls if action == "CreateDBInstance")
     assert [at for at in describes if created < at < created + 18], "the triggerer polled while it was creating"

@@ -301,3 +301,29 @@ def test_injected_fault_is_the_modeled_exception(rds, source):
         rds.reboot_db_instance(DBInstanceIdentifier="orders-db")
     assert isinstance(rds.exceptions.InvalidDBInstanceStateFault, type) and issubclass(
         rds.exceptions.InvalidDBInstanceStateFault, ClientError)
+
+
+# ---------------------------------------------------------------- the in-sync waiter (data, used by the trigger)
+
+
+def _in_sync_waiter(rds):
+    from pgactive_upgrade.airflow.rds_triggers import UpgradeRdsHook
+
+    return UpgradeRdsHook(aws_conn_id=None, region_name="us-east-1").get_waiter("db_instance_parameters_in_sync",
+                                                                              client=rds)
+
+
+def test_the_in_sync_waiter_succeeds_on_available_and_in_sync(rds, source):
+    _in_sync_waiter(rds).wait(DBInstanceIdentifier="orders-db", WaiterConfig={"Delay": 1, "MaxAttempts": 2})
+
+
+def test_the_in_sync_waiter_waits_through_pending_reboot_and_fails_on_a_dead_end(rds, source):
+    from botocore.exceptions import WaiterError
+
+    _report(rds, apply_status="pending-reboot")
+    with pytest.raises(WaiterError, match="Max attempts exceeded"):
+        _in_sync_waiter(rds).wait(DBInstanceIdentifier="orders-db", WaiterConfig={"Delay": 1, "MaxAttempts": 2})
+    other = new_client("rds")
+    _report(other, status="incompatible-parameters")
+    with pytest.raises(WaiterError, match="terminal failure state"):
+        _in_sync_waiter(other).wait(DBInstanceIdentifier="orders-db", WaiterConfig={"Delay": 1, "MaxAttempts": 5})

@@ -18,6 +18,7 @@ from pgactive_upgrade.airflow.triggers import (
     SettleTrigger,
     SwitchWatchdogTrigger,
     previous_phase_outcome,
+    switch_verdict,
 )
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.events import emit
@@ -415,6 +416,15 @@ class CutoverWatchdogOperator(BaseOperator):
             return {"status": "not watched: dag.test"}
         upgrade = self._upgrade(context)
         request = upgrade.request
+        # Checked here first: a deferral whose trigger fires within a second races the scheduler (it may take the
+        # executor's first "success" for a stale event and fail the task), and a cutover may well be over by now.
+        verdict = switch_verdict(upgrade.endpoint(upgrade.source), upgrade.admin, upgrade.key)
+        if verdict == "abandoned":
+            return self.execute_complete(context, {"status": "abandoned"})
+        if verdict != "acting" and context["ti"].get_ti_count(
+                dag_id=context["ti"].dag_id, task_ids=[self.cutover_task_id], run_ids=[context["run_id"]],
+                states=["success", "failed", "upstream_failed", "skipped"]):
+            return {"status": "finished", "switch": verdict}
         self.defer(
             trigger=SwitchWatchdogTrigger(
                 source=_node_spec(upgrade.link().source),
