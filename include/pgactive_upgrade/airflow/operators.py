@@ -418,7 +418,11 @@ class CutoverWatchdogOperator(BaseOperator):
         request = upgrade.request
         # Checked here first: a deferral whose trigger fires within a second races the scheduler (it may take the
         # executor's first "success" for a stale event and fail the task), and a cutover may well be over by now.
-        verdict = switch_verdict(upgrade.endpoint(upgrade.source), upgrade.admin, upgrade.key)
+        try:
+            verdict = switch_verdict(upgrade.endpoint(upgrade.source), upgrade.admin, upgrade.key)
+        except Exception as error:  # the source unreachable for a moment: the trigger keeps asking
+            emit("watchdog_precheck_failed", error=type(error).__name__)
+            verdict = "acting"
         if verdict == "abandoned":
             return self.execute_complete(context, {"status": "abandoned"})
         if verdict != "acting" and context["ti"].get_ti_count(
