@@ -28,7 +28,7 @@ from psycopg2 import sql
 from topology import Ports, Topology, aws, seed
 from topology.airflow_local import AirflowApiError, LocalAirflow
 from topology.airflow_metadb import provision_metadata_db
-from topology.postgres import HOST, Server
+from topology.postgres import HOST
 from topology.slow_rds import SlowRds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,24 +90,7 @@ def seed_source(topo: Topology, k: int, rows: int) -> None:
                                                                             sql.Identifier(role)))
         finally:
             connection.close()
-    fill(topo.old_pg, database, role, rows)
-
-
-def fill(server: Server, database: str, role: str, rows: int) -> None:
-    connection = server.connect(dbname=database, autocommit=False)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
-            cursor.execute(seed.SCHEMA_DDL)
-            cursor.execute(seed.FILL_SQL, seed.row_counts(rows))
-            cursor.execute(seed.GRANTS_SQL)
-            cursor.execute("RESET ROLE")
-        connection.commit()
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("ANALYZE")
-    finally:
-        connection.close()
+    seed.fill(topo.old_pg, rows, database, role)
 
 
 def seed_routes(topo: Topology, sources: list[int]) -> str:

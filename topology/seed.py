@@ -95,7 +95,7 @@ def seed_database(old: Server, new: Server, rows: int) -> None:
         _drop_database(server)
         _restore_logins(server)
         _create_database(server)
-    _fill(old, rows)
+    fill(old, rows)
 
 
 def _restore_logins(server: Server) -> None:
@@ -169,11 +169,12 @@ def _create_database(server: Server) -> None:
         connection.close()
 
 
-def _fill(server: Server, rows: int) -> None:
-    connection = server.connect(dbname=DATABASE, autocommit=False)
+def fill(server: Server, rows: int, database: str = DATABASE, owner: str = OWNER) -> None:
+    """The demo schema and rows in `database`, created as `owner` (the bench's fleet fills one per source)."""
+    connection = server.connect(dbname=database, autocommit=False)
     try:
         with connection.cursor() as cursor:
-            cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(OWNER)))
+            cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
             cursor.execute(SCHEMA_DDL)
             cursor.execute(FILL_SQL, row_counts(rows))
             cursor.execute(GRANTS_SQL)

@@ -31,8 +31,8 @@ from psycopg2 import sql
 from pgactive_upgrade import schema_drift
 from pgactive_upgrade.catalog import META_SCHEMA, Table
 from pgactive_upgrade.db import Credentials, Endpoint, connect, execute, qualified, query
+from pgactive_upgrade.replication.base import MARKER_TABLE  # replicated with the tables
 
-MARKER_TABLE = "cutover_marker"  # replicated with the tables (see replication.base)
 
 # Settings that change a value's text form (pinned so that equal rows hash equally), and those that keep the sessions
 # harmless and alive: no parallel workers, row security on error rather than hidden rows, no idle timeouts.
