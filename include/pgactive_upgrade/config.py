@@ -98,8 +98,14 @@ DEFAULT_TRAFFIC = {
 }
 
 
-def _field(schema: dict, default: Any, title: str, description: str) -> dict:
-    return {"schema": schema, "default": default, "title": title, "description": description}
+SECTIONS = ("What to upgrade", "Replication", "Traffic", "Safety", "Decommission", "Connections", "Rollback")
+
+
+def _field(schema: dict, default: Any, title: str, description: str, section: str, example: Any = None) -> dict:
+    """One conf field, declared once: the Params, the defaults and validation all follow from it."""
+    assert section in SECTIONS, section
+    return {"schema": schema, "default": default, "title": title, "description": description, "section": section,
+            "example": example}
 
 
 REQUIRED = object()
@@ -110,78 +116,102 @@ FIELDS: dict[str, dict] = {
         REQUIRED,
         "Source RDS instance",
         "Identifier or ARN of the RDS for PostgreSQL instance to upgrade.",
+        "What to upgrade",
+        example="orders-db",
     ),
     "target_engine_version": _field(
         {"type": "string", "pattern": ENGINE_VERSION},
         REQUIRED,
         "Target engine version",
         "PostgreSQL version of the new instance, e.g. 17.2 (major must be above the source's).",
+        "What to upgrade",
+        example="17.2",
     ),
     "target_instance": _field(
         {"type": "string", "pattern": r"^$|" + RDS_IDENTIFIER},
         "",
         "Target instance identifier",
         "Identifier of the new instance; empty: <source>-pg<major>.",
+        "What to upgrade",
+        example="orders-db-pg17",
     ),
     "instance_class": _field(
         {"type": "string", "pattern": r"^$|" + INSTANCE_CLASS},
         "",
         "Instance class",
         "Class of the new instance, e.g. db.r6g.large; empty: the source's.",
+        "What to upgrade",
+        example="db.r6g.large",
     ),
     "db_subnet_group": _field(
         {"type": "string", "pattern": r"^$|" + SUBNET_GROUP},
         "",
         "DB subnet group",
         "Subnet group of the new instance; empty: the source's.",
+        "What to upgrade",
+        example="orders-private",
     ),
     "security_group_ids": _field(
         {"type": "array", "items": {"type": "string", "pattern": SECURITY_GROUP}, "uniqueItems": True},
         [],
         "VPC security groups",
         "Security group ids of the new instance; empty: the source's.",
+        "What to upgrade",
+        example=["sg-0123456789abcdef0"],
     ),
     "replication_driver": _field(
         {"type": "string", "enum": ["native", "pgactive"]},
         "native",
         "Replication driver",
         "native: PostgreSQL logical replication (one-way, reversed at cutover). pgactive: active-active.",
+        "Replication",
     ),
     "include_schemas": _field(
         {"type": "array", "items": {"type": "string", "pattern": IDENTIFIER}, "uniqueItems": True},
         [],
         "Include schemas",
         "Replicate only these schemas; empty: every non-system schema.",
+        "Replication",
+        example=["billing"],
     ),
     "exclude_schemas": _field(
         {"type": "array", "items": {"type": "string", "pattern": IDENTIFIER}, "uniqueItems": True},
         [],
         "Exclude schemas",
         "Schemas left out of the upgrade.",
+        "Replication",
+        example=["scratch"],
     ),
     "include_tables": _field(
         {"type": "array", "items": {"type": "string", "pattern": QUALIFIED_TABLE}, "uniqueItems": True},
         [],
         "Include tables",
         "schema.table names to replicate; empty: every table of the included schemas.",
+        "Replication",
+        example=["billing.invoices"],
     ),
     "exclude_tables": _field(
         {"type": "array", "items": {"type": "string", "pattern": QUALIFIED_TABLE}, "uniqueItems": True},
         [],
         "Exclude tables",
         "schema.table names left out of the upgrade.",
+        "Replication",
+        example=["billing.audit_log"],
     ),
     "shift_percentages": _field(
         {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100}, "maxItems": 20},
         [10, 50],
         "Traffic shift phases",
         "Percent of traffic on the new instance in each phase before cutover, strictly increasing.",
+        "Traffic",
+        example=[10, 50],
     ),
     "phase_settle_seconds": _field(
         {"type": "integer", "minimum": 0, "maximum": 3600},
         60,
         "Settle time per phase (s)",
         "How long each phase holds its split before its health checks run.",
+        "Traffic",
     ),
     "shift_mode": _field(
         {"type": "string", "enum": ["percent", "units"]},
@@ -189,6 +219,7 @@ FIELDS: dict[str, dict] = {
         "Shift mode",
         "percent: each movable route carries the phase's share on the new instance. units: whole routes "
         "(sticky units such as one service per record) move, the phase's share of them, in the listed order.",
+        "Traffic",
     ),
     "health_probes": _field(
         {"type": "array", "maxItems": 10, "items": {"type": "string", "pattern": SINGLE_STATEMENT}},
@@ -196,12 +227,15 @@ FIELDS: dict[str, dict] = {
         "Health probe queries",
         "Extra SQL statements (one each, no ';') run on the new instance after each phase inside a READ ONLY "
         "transaction that is rolled back; each must succeed within the probe budget.",
+        "Safety",
+        example=["SELECT count(*) FROM billing.invoices WHERE id < 100"],
     ),
     "probe_budget_ms": _field(
         {"type": "integer", "minimum": 10, "maximum": 60000},
         1000,
         "Probe latency budget (ms)",
         "Connecting to the new instance and each probe query must finish within this many milliseconds.",
+        "Safety",
     ),
     "rds_poll_seconds": _field(
         {"type": "integer", "minimum": 1, "maximum": 300},
@@ -209,6 +243,7 @@ FIELDS: dict[str, dict] = {
         "RDS poll interval (s)",
         "While an instance is created, modified, rebooted or deleted the task waits in the triggerer (no worker slot) "
         "and asks RDS this often; raise it for a large fleet (API rate limits).",
+        "Connections",
     ),
     "verify_parallelism": _field(
         {"type": "integer", "minimum": 1, "maximum": 16},
@@ -216,24 +251,28 @@ FIELDS: dict[str, dict] = {
         "Verify parallelism",
         "Chunk digests run at once on each node during verification (before and after cutover); each holds one "
         "connection per node.",
+        "Replication",
     ),
     "lag_threshold_bytes": _field(
         {"type": "integer", "minimum": 0, "maximum": 1 << 40},
         1 << 20,
         "Lag threshold (bytes)",
         "Replication counts as in sync below this many bytes of pending WAL.",
+        "Replication",
     ),
     "lag_escalation_minutes": _field(
         {"type": "integer", "minimum": 1, "maximum": 1440},
         15,
         "Lag escalation (minutes)",
         "Lag above the threshold for this long after sync is reported as an escalation.",
+        "Replication",
     ),
     "cutover_deadline_seconds": _field(
         {"type": "integer", "minimum": 5, "maximum": 600},
         60,
         "Cutover deadline (s)",
         "The cutover undoes itself if the traffic switch is not reached within this time.",
+        "Traffic",
     ),
     "max_open_transaction_seconds": _field(
         {"type": "integer", "minimum": 1, "maximum": 86400},
@@ -241,6 +280,7 @@ FIELDS: dict[str, dict] = {
         "Longest open transaction (s)",
         "Preflight stops the run while a source transaction with writes has been open longer than this: "
         "replication slot creation and the initial copy wait for it.",
+        "Replication",
     ),
     "application_roles": _field(
         {"type": "array", "items": {"type": "string", "pattern": IDENTIFIER}, "uniqueItems": True},
@@ -248,12 +288,15 @@ FIELDS: dict[str, dict] = {
         "Application roles",
         "Roles whose writes are fenced at cutover; empty: every login role that is not a superuser, "
         "a replication role, an rds* role or the admin.",
+        "Traffic",
+        example=["orders_app"],
     ),
     "traffic": _field(
         TRAFFIC_SCHEMA,
         DEFAULT_TRAFFIC,
         "Traffic controller",
         "haproxy (runtime API) or route53 (weighted CNAME records) and the routes it moves.",
+        "Traffic",
     ),
     "allow_source_reboot": _field(
         {"type": "boolean"},
@@ -261,18 +304,22 @@ FIELDS: dict[str, dict] = {
         "Allow rebooting the source",
         "The source needs logical replication (or pgactive) in its parameter group; when that takes a reboot "
         "(a brief outage of the production database), the run stops in preflight unless this is true.",
+        "Safety",
     ),
     "decommission": _field(
         {"type": "string", "enum": ["keep", "delete"]},
         "keep",
         "Old instance after cutover",
         "keep: stays attached for rollback. delete: detach, final snapshot, delete.",
+        "Decommission",
     ),
     "final_snapshot_id": _field(
         {"type": "string", "pattern": r"^$|" + RDS_IDENTIFIER},
         "",
         "Final snapshot identifier",
         "Snapshot taken before deletion; empty: <source>-final-<run date>.",
+        "Decommission",
+        example="orders-db-final",
     ),
     "endpoint_overrides": _field(
         {
@@ -283,38 +330,50 @@ FIELDS: dict[str, dict] = {
         {},
         "Endpoint overrides",
         'Instance identifier -> "host:port" to connect to instead of the RDS endpoint (tunnels, private endpoints).',
+        "Connections",
+        example={"orders-db": "10.0.0.5:5432"},
     ),
     "aws_conn_id": _field(
-        {"type": "string", "pattern": CONN_ID}, "pgu_aws", "AWS connection", "Airflow connection for the RDS and Route 53 APIs."
+        {"type": "string", "pattern": CONN_ID},
+        "pgu_aws",
+        "AWS connection",
+        "Airflow connection for the RDS and Route 53 APIs.",
+        "Connections",
     ),
     "db_conn_id": _field(
         {"type": "string", "pattern": CONN_ID},
         "pgu_db_admin",
         "Database admin connection",
         "Airflow connection whose login, password and schema (database) are used on both instances.",
+        "Connections",
     ),
     "replication_conn_id": _field(
         {"type": "string", "pattern": CONN_ID},
         "pgu_replication",
         "Replication connection",
         "Airflow connection of the replication role (login and password only).",
+        "Connections",
     ),
 }
 
 
 ROLLBACK_FIELDS: dict[str, dict] = {
-    "source_instance": FIELDS["source_instance"],
+    "source_instance": {**FIELDS["source_instance"], "section": "Rollback"},
     "reason": _field(
         {"type": "string", "minLength": 3, "maxLength": 500},
         REQUIRED,
         "Reason",
         "Why the upgrade is rolled back; kept in the run history for the audit trail.",
+        "Rollback",
+        example="p99 latency doubled after phase 2",
     ),
     "requested_by": _field(
         {"type": "string", "maxLength": 200},
         "",
         "Requested by",
         "Who asks for the rollback; empty: the user who triggered this run.",
+        "Rollback",
+        example="jane@example.com",
     ),
 }
 
@@ -401,38 +460,34 @@ class RollbackRequest:
 
 
 def validate_rollback(conf: Any) -> RollbackRequest:
-    if not isinstance(conf, dict):
-        raise RequestError([f"conf: expected a JSON object, got {type(conf).__name__}"])
-    problems = [f"{key}: unknown field (expected one of: {', '.join(ROLLBACK_FIELDS)})" for key in conf if key not in ROLLBACK_FIELDS]
-    merged = {**defaults(ROLLBACK_FIELDS), **{k: v for k, v in conf.items() if k in ROLLBACK_FIELDS}}
-    for name, spec in ROLLBACK_FIELDS.items():
-        if name not in merged:
-            problems.append(f"{name}: required, expected {spec['description']}")
-        else:
-            problems.extend(_schema_problems(name, merged[name], spec["schema"]))
-    if problems:
-        raise RequestError(problems)
-    return RollbackRequest(**merged)
+    return RollbackRequest(**_checked(conf, ROLLBACK_FIELDS, rules=[]))
 
 
 def validate(conf: Any) -> UpgradeRequest:
     """Check conf against the schema and cross-field rules; raise RequestError naming each bad field."""
+    return _build(_checked(conf, FIELDS, _CROSS_FIELD_RULES))
+
+
+def _checked(conf: Any, fields: dict[str, dict], rules: list) -> dict[str, Any]:
+    """conf merged over the defaults, or RequestError naming every bad field. A null value means the default
+    (the trigger form sends null for an optional field left empty)."""
     if not isinstance(conf, dict):
         raise RequestError([f"conf: expected a JSON object, got {type(conf).__name__}"])
-    unknown = [f"{key}: unknown field (expected one of: {', '.join(FIELDS)})" for key in conf if key not in FIELDS]
-    merged = {**defaults(), **{k: v for k, v in conf.items() if k in FIELDS}}
+    unknown = [f"{key}: unknown field (expected one of: {', '.join(fields)})" for key in conf if key not in fields]
+    given = {k: v for k, v in conf.items() if k in fields and v is not None}
+    merged = {**defaults(fields), **given}
     problems, bad_fields = [], set()
-    for name, spec in FIELDS.items():
+    for name, spec in fields.items():
         found = [f"{name}: required, expected {spec['description']}"] if name not in merged else _schema_problems(
             name, merged[name], spec["schema"]
         )
         if found:
             bad_fields.add(name)
             problems.extend(found)
-    problems = unknown + problems + _cross_field_problems(merged, bad_fields)
+    problems = unknown + problems + _cross_field_problems(merged, bad_fields, rules)
     if problems:
         raise RequestError(problems)
-    return _build(merged)
+    return merged
 
 
 # JSON Schema counts 10.0 as an integer; the traffic and timing code must get real ints.
@@ -465,10 +520,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _cross_field_problems(conf: dict, bad_fields: set[str]) -> list[str]:
+def _cross_field_problems(conf: dict, bad_fields: set[str], rules: list) -> list[str]:
     """Rules across fields; a rule whose fields already failed the schema is skipped."""
     problems = []
-    for fields, rule in _CROSS_FIELD_RULES:
+    for fields, rule in rules:
         if not bad_fields & set(fields):
             problems.extend(rule(conf))
     return problems

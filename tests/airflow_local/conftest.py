@@ -1,3 +1,4 @@
+import os
 import time
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 from topology.airflow_local import LocalAirflow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-AIRFLOW_TEST_PORT = 26480
+AIRFLOW_TEST_PORT = int(os.environ.get("PGU_TEST_BASE", "26400")) + 80
 
 PROBE_DAG = '''
 import time

@@ -440,7 +440,24 @@ def test_a_param_for_every_field(params):
     assert list(params) == list(FIELDS)
     for name, param in params.items():
         assert param.schema["title"] == FIELDS[name]["title"]
-        assert param.description == FIELDS[name]["description"]
+        assert param.description.startswith(FIELDS[name]["description"])
+        assert param.schema["section"] == FIELDS[name]["section"]
+
+
+def test_form_marks_only_the_required_fields_and_groups_them(params):
+    # The trigger form puts an asterisk on a field whose type does not admit null.
+    required = {name for name, param in params.items() if "null" not in param.schema["type"]}
+    assert required == {name for name, spec in FIELDS.items() if spec["default"] is REQUIRED}
+    assert len({param.schema["section"] for param in params.values()}) >= 5
+    assert "Example: " in params["source_instance"].description
+
+
+def test_null_from_the_form_means_the_default(params):
+    assert validate({**MINIMAL, "replication_driver": None, "traffic": None}) == validate(dict(MINIMAL))
+    assert params["replication_driver"].resolve(None) is None
+    assert problems_of({"source_instance": None, "target_engine_version": "17"}) == [
+        "source_instance: required, expected " + FIELDS["source_instance"]["description"]
+    ]
 
 
 def test_param_defaults_are_valid_and_match_validate(params):
