@@ -9,6 +9,8 @@ from typing import Any
 
 import jsonschema
 
+from pgactive_upgrade.identifiers import source_key
+
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
 QUALIFIED_TABLE = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$"
 RDS_IDENTIFIER = r"^(?!.*--)[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
@@ -435,8 +437,7 @@ class UpgradeRequest:
 
     @property
     def source_identifier(self) -> str:
-        """The canonical key of the source: RDS identifiers are case-insensitive (ARN or name, any case)."""
-        return self.source_instance.rsplit(":", 1)[-1].lower()
+        return source_key(self.source_instance)
 
     @property
     def target_major(self) -> int:
@@ -455,8 +456,7 @@ class RollbackRequest:
 
     @property
     def source_identifier(self) -> str:
-        """The canonical key of the source: RDS identifiers are case-insensitive (ARN or name, any case)."""
-        return self.source_instance.rsplit(":", 1)[-1].lower()
+        return source_key(self.source_instance)
 
 
 def validate_rollback(conf: Any) -> RollbackRequest:
@@ -562,8 +562,7 @@ def _ports_in_range(conf: dict) -> list[str]:
 
 
 def _target_differs(conf: dict) -> list[str]:
-    source = conf["source_instance"].rsplit(":", 1)[-1]
-    if conf["target_instance"] and conf["target_instance"].lower() == source.lower():
+    if conf["target_instance"] and source_key(conf["target_instance"]) == source_key(conf["source_instance"]):
         return ["target_instance: must differ from the source instance (RDS identifiers ignore case)"]
     return []
 
@@ -597,8 +596,3 @@ def _build(conf: dict) -> UpgradeRequest:
     filters = Filters(**{k: tuple(conf.pop(k)) for k in ("include_schemas", "exclude_schemas", "include_tables", "exclude_tables")})
     tuples = {k: tuple(conf[k]) for k in ("security_group_ids", "shift_percentages", "application_roles", "health_probes")}
     return UpgradeRequest(**{**conf, **tuples, "filters": filters})
-
-
-def slug(text: str) -> str:
-    """A lower-case identifier fragment derived from an RDS identifier, stable across runs."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]

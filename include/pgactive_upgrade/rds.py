@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 from botocore.exceptions import ClientError
 
+from pgactive_upgrade.identifiers import identifier_from, validate_identifier
+
 log = logging.getLogger(__name__)
 
 SOURCE_TAG = "pgactive-upgrade:source"
-IDENTIFIER_MAX = 63
 SNAPSHOT_MAX = 255
 PARAMETER_GROUP_MAX = 255
 MAX_PARAMETERS_PER_MODIFY = 20
@@ -73,31 +74,6 @@ class InstanceInfo:
 # ---------------------------------------------------------------- names and versions
 
 
-def validate_identifier(value: str, *, kind: str = "DB instance identifier", max_len: int = IDENTIFIER_MAX) -> str:
-    """RDS rules: ASCII letters, digits, hyphens; starts with a letter; no '--'; no trailing hyphen."""
-    problems = []
-    if not value or len(value) > max_len:
-        problems.append(f"must be 1-{max_len} characters")
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", value or ""):
-        problems.append("must start with a letter and contain only ASCII letters, digits and hyphens")
-    if "--" in (value or "") or (value or "").endswith("-"):
-        problems.append("must not contain '--' or end with a hyphen")
-    if problems:
-        raise RdsError(f"invalid {kind} {value!r}: " + "; ".join(problems))
-    return value
-
-
-def identifier_from(identifier_or_arn: str) -> str:
-    """'arn:aws:rds:us-east-1:123:db:orders-db' -> 'orders-db'; a plain identifier is returned as is."""
-    if identifier_or_arn.startswith("arn:"):
-        parts = identifier_or_arn.split(":")
-        if len(parts) != 7 or parts[2] != "rds" or parts[5] != "db":
-            raise RdsError(f"{identifier_or_arn!r} is not an RDS DB instance ARN "
-                           "(arn:aws:rds:<region>:<account>:db:<id>)")
-        return parts[6]
-    return identifier_or_arn
-
-
 def major_of(engine_version: str) -> int:
     if not re.fullmatch(r"\d+(\.\d+){0,2}", engine_version or ""):
         raise RdsError(f"invalid PostgreSQL engine version {engine_version!r}: expected e.g. '17.2' or '17'")
@@ -130,14 +106,6 @@ def check_target_version(source: InstanceInfo, engine_version: str) -> int:
             f"source {source.identifier} ({source.engine_version})"
         )
     return target_major
-
-
-def target_identifier(source_id: str, target_major: int) -> str:
-    """'orders-db' -> 'orders-db-pg17'; 'orders-db-pg15' -> 'orders-db-pg17'; truncated to 63 chars."""
-    base = re.sub(r"-pg\d+$", "", identifier_from(source_id))
-    suffix = f"-pg{target_major}"
-    base = base[: IDENTIFIER_MAX - len(suffix)].rstrip("-")
-    return validate_identifier(base + suffix)
 
 
 def pgactive_parameters(driver: str) -> dict[str, str]:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
-from pgactive_upgrade import catalog, fencing, health, join_repair, matviews, preflight, rds, sequences, switch_state, verify
+from pgactive_upgrade import (
+    catalog, fencing, health, identifiers, join_repair, matviews, preflight, rds, sequences, switch_state, verify,
+)
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
@@ -50,7 +52,7 @@ class Upgrade:
 
     @property
     def target_id(self) -> str:
-        return self.request.target_instance or rds.target_identifier(self.source.identifier, self.request.target_major)
+        return self.request.target_instance or identifiers.target_identifier(self.source.identifier, self.request.target_major)
 
     @property
     def parameter_group(self) -> str:

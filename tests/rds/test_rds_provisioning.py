@@ -3,6 +3,7 @@
 import pytest
 from botocore.exceptions import ClientError
 
+from pgactive_upgrade import identifiers
 from pgactive_upgrade import rds as r
 from rds_parts import SECRET, fail_first_calls, new_client, record_calls, until_done
 
@@ -46,17 +47,17 @@ def test_pgactive_parameters_per_driver():
 
 
 def test_target_identifier_naming():
-    assert r.target_identifier("orders-db", 17) == "orders-db-pg17"
-    assert r.target_identifier("orders-db-pg15", 17) == "orders-db-pg17"
-    assert r.target_identifier("arn:aws:rds:us-east-1:123456789012:db:orders-db", 17) == "orders-db-pg17"
-    long_id = r.target_identifier("a" * 58 + "-b-c", 17)
+    assert identifiers.target_identifier("orders-db", 17) == "orders-db-pg17"
+    assert identifiers.target_identifier("orders-db-pg15", 17) == "orders-db-pg17"
+    assert identifiers.target_identifier("arn:aws:rds:us-east-1:123456789012:db:orders-db", 17) == "orders-db-pg17"
+    long_id = identifiers.target_identifier("a" * 58 + "-b-c", 17)
     assert len(long_id) <= 63 and long_id.endswith("-pg17") and "--" not in long_id
 
 
 @pytest.mark.parametrize("bad", ["1db", "snap--1", "snap-", "snap_1", "", "a" * 256])
 def test_snapshot_identifier_rules(bad):
-    with pytest.raises(r.RdsError, match="invalid final snapshot identifier"):
-        r.validate_identifier(bad, kind="final snapshot identifier", max_len=255)
+    with pytest.raises(identifiers.IdentifierError, match="invalid final snapshot identifier"):
+        identifiers.validate_identifier(bad, kind="final snapshot identifier", max_len=255)
 
 
 def test_supports_pgactive():
@@ -276,7 +277,7 @@ def test_decommission_refuses_stale_snapshot_name(rds, source):
 
 
 def test_decommission_rejects_invalid_snapshot_id_before_any_call(rds, source):
-    with pytest.raises(r.RdsError, match="must not contain '--'"):
+    with pytest.raises(identifiers.IdentifierError, match="must not contain '--'"):
         r.decommission(rds, "orders-db", final_snapshot_id="orders--final")
     assert r.describe_instance(rds, "orders-db") is not None
 

@@ -11,7 +11,8 @@ from psycopg2 import sql
 
 from pgactive_upgrade import schema_drift
 from pgactive_upgrade.catalog import META_SCHEMA, Table
-from pgactive_upgrade.config import Filters, slug
+from pgactive_upgrade.config import Filters
+from pgactive_upgrade.identifiers import slug
 from pgactive_upgrade.db import Credentials, Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
 

@@ -18,7 +18,8 @@ from pgactive_upgrade import catalog
 from pgactive_upgrade.fencing import FENCE_TABLE
 from pgactive_upgrade.switch_state import STATE_TABLE
 from pgactive_upgrade.catalog import META_SCHEMA
-from pgactive_upgrade.config import Filters, slug
+from pgactive_upgrade.config import Filters
+from pgactive_upgrade.identifiers import slug
 from pgactive_upgrade.db import Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication.base import Joining, Lag, Node, ReplicationDriver, ReplicationError
