@@ -180,7 +180,7 @@ class Monitor:
         self._cpu(first=True)
         self.thread = threading.Thread(target=self._loop, name="fleet-monitor", daemon=True)
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         self.started = time.monotonic()
         self.thread.start()
         return self

@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg2
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "include"), str(REPO)]

@@ -32,7 +32,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import NamedTuple
 
@@ -231,7 +231,7 @@ class LocalAirflow:
         if self.celery:
             self.redis.ensure_running()
         self._migrate_db_once()
-        spawned_at = datetime.now(timezone.utc)
+        spawned_at = datetime.now(UTC)
         for component in self.components:
             self._spawn(component)
         try:
@@ -298,7 +298,7 @@ class LocalAirflow:
 
     def restart(self, *components: str, timeout: float = 60) -> None:
         """Start components again (after kill) and wait until all are alive and the api-server says healthy."""
-        since = datetime.now(timezone.utc)
+        since = datetime.now(UTC)
         for component in components:
             self._spawn(component)
         self._wait_healthy(timeout, since=since)

@@ -43,7 +43,7 @@ class Topology:
     def __repr__(self) -> str:
         return f"Topology(state_dir={str(self.state_dir)!r}, ports={self.ports})"
 
-    def up(self) -> "Topology":
+    def up(self) -> Topology:
         with self._locked():
             self._prepare_state_dir()
             self._load_credentials(persist_missing=True)

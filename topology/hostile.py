@@ -56,7 +56,7 @@ class Hostile:
         self.server = topology.old_pg
         self._open: list = []
 
-    def __enter__(self) -> "Hostile":
+    def __enter__(self) -> Hostile:
         self._run(SCHEMA_SQL)
         self._spill_decoding()
         self._run(" ".join(f"SELECT pg_create_physical_replication_slot('hostile_standby_{n}');"

@@ -146,7 +146,7 @@ class Churn:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "Churn":
+    def __enter__(self) -> Churn:
         self._thread.start()
         return self
 

@@ -17,7 +17,7 @@ class Ports:
     redis: int  # the Celery broker of a local Airflow run with the Celery executor
 
     @classmethod
-    def from_base(cls, base: int) -> "Ports":
+    def from_base(cls, base: int) -> Ports:
         ports = cls(
             old_pg=base + 15,
             new_pg=base + 17,

@@ -6,7 +6,7 @@ import pwd
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import psycopg2
 from psycopg2 import sql

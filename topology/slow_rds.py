@@ -32,7 +32,7 @@ class SlowRds:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="slow-rds", daemon=True)
 
-    def __enter__(self) -> "SlowRds":
+    def __enter__(self) -> SlowRds:
         self._thread.start()
         return self
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from pgactive_upgrade import fencing, sequences, switch_state
 from pgactive_upgrade.catalog import Sequence

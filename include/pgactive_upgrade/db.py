@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 
 import psycopg2
 from psycopg2 import sql

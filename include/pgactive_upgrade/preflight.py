@@ -7,10 +7,10 @@ fix; a warning is carried in the run's result and names the step (or the person)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, UTC
 from functools import cached_property
-from typing import Callable
+from collections.abc import Callable
 
 from pgactive_upgrade import catalog, fencing, rds
 from pgactive_upgrade.config import UpgradeRequest
@@ -61,11 +61,11 @@ class Context:
         return self.request.filters
 
     @cached_property
-    def relations(self) -> list["Relation"]:
+    def relations(self) -> list[Relation]:
         """Every user relation on the source, selected by the filters or not."""
         return [Relation(*row) for row in query(self.source, _RELATIONS, (list(catalog.SYSTEM_SCHEMAS),))]
 
-    def selected(self, *kinds: str) -> list["Relation"]:
+    def selected(self, *kinds: str) -> list[Relation]:
         return [r for r in self.relations if r.kind in kinds and self.filters.selects(r.schema, r.name)]
 
     @cached_property
@@ -580,7 +580,7 @@ def roles(ctx: Context) -> list[Finding]:
 
 def _shown(field: str, value):
     if field == "VALID UNTIL" and value is not None and math.isfinite(value):
-        return datetime.fromtimestamp(float(value), timezone.utc).isoformat()
+        return datetime.fromtimestamp(float(value), UTC).isoformat()
     return value
 
 

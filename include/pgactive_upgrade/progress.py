@@ -6,7 +6,7 @@ this module only names and shapes them.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 
@@ -23,7 +23,7 @@ def halt_key(source_identifier: str) -> str:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def progress_record(*, dag_id: str, run_id: str, conf: dict, step: str, state: str, **extra: Any) -> dict:

@@ -7,14 +7,14 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator
+from collections.abc import Iterator
 
 from pgactive_upgrade import (
     catalog, fencing, health, identifiers, join_repair, matviews, preflight, rds, sequences, switch_state, verify,
 )
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
-from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
+from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import DRIVERS, Joining, Lag, Link, Node, ReplicationDriver, driver_for
 from pgactive_upgrade.replication.base import HealthLimits

@@ -23,7 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg2
 from psycopg2 import sql
@@ -373,7 +373,7 @@ class Verification:
         for batch in _batches(_ordered(keys), 1000):
             params = (tuple(batch),)
             before = dict(zip((w.name for w in self.writers), _concurrently(
-                [lambda w=w: self._rows(w, table, statement, params) for w in self.writers])))
+                [lambda w=w, params=params: self._rows(w, table, statement, params) for w in self.writers])))
             self.barrier()
             after = {r.name: self._rows(r, table, statement, params) for r in self.readers}  # readers first
             after.update({w.name: self._rows(w, table, statement, params) for w in self.writers})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from contextlib import closing
 
 import pytest
@@ -57,7 +58,7 @@ def test_a_cutover_killed_inside_the_fence_is_undone_by_the_watchdog_and_the_rol
                 assert time.monotonic() < deadline, (seen[-5:], states_of(airflow, UPGRADE, run_id))
                 time.sleep(0.1)
             task_pid = int(row.holder.rsplit(":", 1)[1])
-            supervisor_pid = int(open(f"/proc/{task_pid}/stat").read().rsplit(")", 1)[1].split()[1])  # its parent
+            supervisor_pid = int(Path(f"/proc/{task_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
             assert not faults.writable(topo.old_pg.port, topo.credentials["app"]), "the source is fenced"
             for pid in (supervisor_pid, task_pid):
                 os.kill(pid, signal.SIGKILL)

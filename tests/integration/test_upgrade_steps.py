@@ -7,7 +7,7 @@ import time
 import psycopg2
 import pytest
 
-from pgactive_upgrade import catalog, config, fencing
+from pgactive_upgrade import catalog, fencing
 from pgactive_upgrade.cutover import CutoverError
 from pgactive_upgrade.upgrade import PreflightError
 from integration_parts import replicating

@@ -54,7 +54,8 @@ REJECTIONS = [
     single("source_instance", "orders-db-", "expected an RDS instance identifier or an RDS instance ARN"),
     single("source_instance", "o" * 64, "expected an RDS instance identifier or an RDS instance ARN"),
     single("source_instance", "arn:aws:rds:eu-west-1:1234:db:orders-db", "expected an RDS instance identifier or an RDS instance ARN"),
-    single("source_instance", "arn:aws:rds:eu-west-1:123456789012:cluster:orders", "expected an RDS instance identifier or an RDS instance ARN"),
+    single("source_instance", "arn:aws:rds:eu-west-1:123456789012:cluster:orders",
+           "expected an RDS instance identifier or an RDS instance ARN"),
     single("source_instance", 42, "is not of type 'string'"),
     # target_engine_version
     single("target_engine_version", "17.2.1", "expected a PostgreSQL major or major.minor version"),
@@ -331,9 +332,10 @@ def test_full_conf_round_trips_into_upgrade_request():
         replication_driver="native",
         filters=Filters(include_schemas=("sales", "billing"), exclude_schemas=("audit",), include_tables=("sales.orders",),
                         exclude_tables=("billing.tmp",)),
-        shift_percentages=(5, 25, 75), shift_mode="units", allow_source_reboot=True, health_probes=("SELECT count(*) FROM sales.orders",),
-        probe_budget_ms=250, verify_parallelism=8, rds_poll_seconds=5, phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440,
-        cutover_deadline_seconds=5, max_open_transaction_seconds=60, application_roles=("app", "report$ro"), traffic=traffic, decommission="delete",
+        shift_percentages=(5, 25, 75), shift_mode="units", allow_source_reboot=True,
+        health_probes=("SELECT count(*) FROM sales.orders",), probe_budget_ms=250, verify_parallelism=8, rds_poll_seconds=5,
+        phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440, cutover_deadline_seconds=5,
+        max_open_transaction_seconds=60, application_roles=("app", "report$ro"), traffic=traffic, decommission="delete",
         final_snapshot_id="orders-db-final", endpoint_overrides={"orders-db": "127.0.0.1:26415"}, aws_conn_id="aws.prod",
         db_conn_id="db-admin", replication_conn_id="repl_user")
     for name in ("security_group_ids", "shift_percentages", "application_roles", "health_probes"):

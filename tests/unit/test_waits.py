@@ -36,9 +36,8 @@ def _sleepers(tree: ast.AST, prefix: str = "") -> set[str]:
     for node in ast.iter_child_nodes(tree):
         if isinstance(node, ast.ClassDef):
             names |= _sleepers(node, f"{prefix}{node.name}.")
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if any(_is_sleep(call) for call in ast.walk(node)):
-                names.add(prefix + node.name)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(_is_sleep(c) for c in ast.walk(node)):
+            names.add(prefix + node.name)
     return names
 
 

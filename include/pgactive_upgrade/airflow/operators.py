@@ -82,7 +82,7 @@ class ValidateRequestOperator(BaseOperator):
                 upgrade.check_not_switched(source)
                 state.record_step(context, request.source_identifier, self.task_id, "done")
         except (LockBusy, AlreadySwitchedError) as error:
-            raise AirflowFailException(f"source_instance: {request.source_identifier}: {error}")
+            raise AirflowFailException(f"source_instance: {request.source_identifier}: {error}") from error
 
     @staticmethod
     def _refuse_a_second_upgrade_of_the_same_source(context, source: str) -> None:

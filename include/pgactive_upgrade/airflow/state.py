@@ -26,12 +26,16 @@ def merge(key: str, fields: dict[str, Any]) -> dict:
     return record
 
 
+# What happened to the databases outlives the run that did it: a cutover or a detach cannot be repeated.
+OUTLIVES_THE_RUN = ("cut_over", "detached")
+KEPT_WITHIN_THE_RUN = ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at")
+
+
 def record_step(context, source_identifier: str, step: str, state: str, **extra: Any) -> None:
     dag_run = context["dag_run"]
     previous = read(progress.record_key(source_identifier)) or {}
     same_run = previous.get("run_id") == dag_run.run_id
-    # What happened to the databases outlives the run that did it: a cutover or a detach cannot be repeated.
-    kept = {k: v for k, v in previous.items() if k in ("cut_over", "detached") or (same_run and k in ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at"))}
+    kept = {k: v for k, v in previous.items() if k in OUTLIVES_THE_RUN or (same_run and k in KEPT_WITHIN_THE_RUN)}
     record = progress.progress_record(
         dag_id=dag_run.dag_id, run_id=dag_run.run_id, conf=dict(dag_run.conf or {}), step=step, state=state,
         **{**kept, **extra},

@@ -19,4 +19,7 @@ def driver_for(name: str, link: Link) -> ReplicationDriver:
         raise ValueError(f"replication_driver: unknown driver {name!r}, expected one of {sorted(DRIVERS)}") from None
 
 
-__all__ = ["Joining", "Lag", "Link", "Node", "ReplicationDriver", "ReplicationError", "driver_for", "NOT_BUILT", "NativeDriver", "PgactiveDriver"]
+__all__ = [
+    "Joining", "Lag", "Link", "Node", "ReplicationDriver", "ReplicationError", "driver_for", "NOT_BUILT", "NativeDriver",
+    "PgactiveDriver",
+]

@@ -103,7 +103,7 @@ class ReplicationDriver(ABC):
     def lag(self) -> Lag:
         """Bytes still to replicate towards the node that does not take writes yet."""
 
-    def before_fence(self) -> None:
+    def before_fence(self) -> None:  # noqa: B027 (optional hook: most drivers have nothing to do here)
         """Cutover work that can happen before writes are fenced (keeps the fence short)."""
 
     @abstractmethod
