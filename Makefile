@@ -10,7 +10,7 @@ DRIVER ?= native
 export PYTHONPATH := $(CURDIR)/include:$(CURDIR)
 export PGU_PG_BIN_DIRS ?= $(CURDIR)/.local/pg17/bin
 
-.PHONY: demo down test lock venv clean
+.PHONY: demo down test lint lock venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ down: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff and mypy with the settings in pyproject.toml; .ci/run runs it before the tests.
+lint: venv
+	$(VENV)/bin/ruff check include dags plugins topology bench tests
+	$(VENV)/bin/mypy
 
 # Regenerate the hashed lock after editing requirements.in.
 lock: venv

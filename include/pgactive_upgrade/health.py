@@ -18,7 +18,7 @@ def probe_problems(endpoint: Endpoint, credentials: Credentials, probes: tuple[s
     try:
         query(connection, "SELECT set_config('statement_timeout', %s, false)", (str(budget_ms),))
         connection.set_session(readonly=True, autocommit=False)
-        named = [("connect+SELECT 1", "SELECT 1", started)]
+        named: list[tuple[str, str, float | None]] = [("connect+SELECT 1", "SELECT 1", started)]
         named += [(f"health_probes[{index}]", probe, None) for index, probe in enumerate(probes)]
         problems = []
         for name, statement, since in named:

@@ -130,7 +130,7 @@ def _to_info(raw: dict[str, Any]) -> InstanceInfo:
         arn=raw.get("DBInstanceArn", ""),
         engine=raw.get("Engine", ""),
         engine_version=raw.get("EngineVersion", ""),
-        major=int(re.match(r"\d*", raw.get("EngineVersion", "")).group() or 0),  # other engines use odd formats
+        major=int(re.match(r"\d*", raw.get("EngineVersion", "")).group() or 0),  # type: ignore[union-attr]  # \d* always matches
         instance_class=raw.get("DBInstanceClass", ""),
         allocated_storage=int(raw.get("AllocatedStorage", 0)),
         storage_type=raw.get("StorageType", ""),
@@ -198,7 +198,7 @@ def _user_parameters(rds, name: str) -> dict[str, str]:
 
 def custom_parameters(rds, name: str | None) -> dict[str, str]:
     """What a group sets itself: nothing for a default group or one that does not exist."""
-    if _is_default_group(name) or _describe_parameter_group(rds, name) is None:
+    if name is None or _is_default_group(name) or _describe_parameter_group(rds, name) is None:
         return {}
     return _user_parameters(rds, name)
 
@@ -208,7 +208,7 @@ def ensure_parameter_group(rds, name: str, family: str, description: str, parame
     validate_identifier(name, kind="DB parameter group name", max_len=PARAMETER_GROUP_MAX)
     group = _describe_parameter_group(rds, name)
     created = group is None
-    if created:
+    if group is None:
         rds.create_db_parameter_group(DBParameterGroupName=name, DBParameterGroupFamily=family, Description=description)
         log.info("created DB parameter group %s (family %s)", name, family)
     elif group["DBParameterGroupFamily"] != family:
@@ -434,6 +434,8 @@ def plan_source_parameters(rds, source: InstanceInfo, driver: str, *, custom_gro
     if current is None:
         raise RdsError(f"source DB instance {source.identifier} not found")
     group = current.parameter_group
+    if group is None:
+        raise RdsError(f"source DB instance {current.identifier} reports no DB parameter group")
     missing = _unmet(wanted, _group_values(rds, group))
     if not missing:
         return _plan_in_place(current, group, {})

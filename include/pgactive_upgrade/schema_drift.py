@@ -51,7 +51,7 @@ def columns(connection, tables: list[Table]) -> dict[str, dict[str, Column]]:
 
 
 def differences(source: dict[str, dict[str, Column]], target: dict[str, dict[str, Column]],
-                publishing: set[str] = frozenset(NODES)) -> list[Drift]:
+                publishing: frozenset[str] | set[str] = frozenset(NODES)) -> list[Drift]:
     """publishing: the nodes whose changes replicate to the other now ("source", "target" or both)."""
     found = []
     for table in sorted(source):

@@ -54,6 +54,6 @@ def differences(source, target, sequences: list[Sequence]) -> dict[str, tuple]:
     on_source, on_target = current_values(source, sequences), current_values(target, sequences)
     behind = {}
     for name, value in on_source.items():
-        if value is not None and (on_target[name] is None or on_target[name] < value):
-            behind[name] = (value, on_target[name])
+        if value is not None and ((target := on_target[name]) is None or target < value):
+            behind[name] = (value, target)
     return behind

@@ -8,11 +8,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from collections.abc import Iterator
+from typing import Any
 
 from pgactive_upgrade import (
     catalog, fencing, health, identifiers, join_repair, matviews, preflight, rds, sequences, switch_state, verify,
 )
 from pgactive_upgrade.config import UpgradeRequest
+from pgactive_upgrade.preflight import Context as PreflightContext
+from pgactive_upgrade.preflight import Finding
 from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, server_major
 from pgactive_upgrade.events import emit
@@ -153,7 +156,7 @@ class Upgrade:
         warnings = [f.as_dict() for f in findings if not f.blocks]
         if problems:
             raise PreflightError("preflight failed: " + "; ".join(problems), warnings)
-        result = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(context.tables),
+        result: dict[str, Any] = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(context.tables),
                   "application_roles": context.application_roles, "split": split,
                   "source_needs_reboot": plan.needs_reboot, "warnings": warnings}
         emit("preflight_passed", **{**result, "warnings": len(warnings)})
@@ -161,8 +164,8 @@ class Upgrade:
             emit("preflight_warning", **warning)
         return result
 
-    def _preflight_context(self, source, target, plan: rds.SourcePlan | None) -> preflight.Context:
-        return preflight.Context(
+    def _preflight_context(self, source, target, plan: rds.SourcePlan | None) -> PreflightContext:
+        return PreflightContext(
             source=source, request=self.request, tables=catalog.tables(source, self.request.filters),
             source_info=self.source, replication_user=self.replication.user,
             application_roles=self.application_roles(source), plan=plan, target=target, target_id=self.target_id,
@@ -183,20 +186,20 @@ class Upgrade:
             if connection is not None:
                 connection.close()
 
-    def _tool_findings(self) -> list[preflight.Finding]:
+    def _tool_findings(self) -> list[Finding]:
         try:
             find_program("pg_dump", self.request.target_major)
         except Exception as error:
             return [preflight.block("pg_dump", str(error))]
         return []
 
-    def _parameter_findings(self) -> list[preflight.Finding]:
+    def _parameter_findings(self) -> list[Finding]:
         """The target's group gets the driver's parameters only: name the source's other custom ones, and the
         source's own values of those the driver sets."""
         driver_sets = rds.pgactive_parameters(self.request.replication_driver)
         source = rds.custom_parameters(self.rds_client, self.source.parameter_group)
         target = rds.custom_parameters(self.rds_client, self.parameter_group) or driver_sets
-        return preflight.parameter_findings(source, target, driver_sets, self.source.parameter_group,
+        return preflight.parameter_findings(source, target, driver_sets, self.source.parameter_group or "(none)",
                                             self.parameter_group)
 
     def check_target(self) -> None:
@@ -209,7 +212,7 @@ class Upgrade:
         if problems:
             raise PreflightError(f"{self.target_id}: " + "; ".join(problems))
 
-    def _read_split(self, findings: list[preflight.Finding]) -> dict:
+    def _read_split(self, findings: list[Finding]) -> dict:
         try:
             return self.controller().read_split()
         except Exception as error:

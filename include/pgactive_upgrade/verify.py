@@ -217,7 +217,7 @@ class Verification:
     def _common_columns(self) -> dict[str, list[str]]:
         """Each table's columns by name, the same on both nodes (a column only the target has, added there first,
         holds nothing replication brought, and is left out); otherwise rows could not be compared at all."""
-        def read(node: VerifyNode) -> dict[str, dict[str, str]]:
+        def read(node: VerifyNode) -> dict[str, dict[str, schema_drift.Column]]:
             with self.pools[node.name].connection() as connection:
                 return schema_drift.columns(connection, self.tables)
 
@@ -369,7 +369,9 @@ class Verification:
     def _versioned_compare(self, table: Table, keys: set[tuple]) -> tuple[set, set, set]:
         """(differ with a settled version on every writing node, held only by a non-writing node, changed meanwhile)."""
         statement = self._rows_statement(table, sql.SQL("({}) IN %s").format(_keys(table, ROW)))
-        proven, suspect, changed = set(), set(), set()
+        proven: set[tuple] = set()
+        suspect: set[tuple] = set()
+        changed: set[tuple] = set()
         for batch in _batches(_ordered(keys), 1000):
             params = (tuple(batch),)
             before = dict(zip((w.name for w in self.writers), _concurrently(

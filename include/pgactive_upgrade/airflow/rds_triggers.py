@@ -55,10 +55,11 @@ RDS_WAIT_MINUTES = {rds.AVAILABLE: 60, rds.IN_SYNC: 60, rds.DELETED: 60}
 def rds_wait_trigger(wait: rds.Wait, aws_conn_id: str, poll_seconds: int) -> BaseTrigger:
     """The trigger that waits out `wait`: the provider's for available and deleted, ours for in-sync."""
     attempts = max(1, RDS_WAIT_MINUTES[wait.until] * 60 // poll_seconds)
-    common = {"db_identifier": wait.identifier, "waiter_delay": poll_seconds, "waiter_max_attempts": attempts,
-              "aws_conn_id": aws_conn_id}
     if wait.until == rds.AVAILABLE:
-        return RdsDbAvailableTrigger(**common, response={}, db_type="instance")
+        return RdsDbAvailableTrigger(db_identifier=wait.identifier, waiter_delay=poll_seconds, waiter_max_attempts=attempts,
+                                     aws_conn_id=aws_conn_id, response={}, db_type="instance")
     if wait.until == rds.DELETED:
-        return RdsDbDeletedTrigger(**common, response={}, db_type="instance")
-    return RdsParametersInSyncTrigger(**common)
+        return RdsDbDeletedTrigger(db_identifier=wait.identifier, waiter_delay=poll_seconds, waiter_max_attempts=attempts,
+                                   aws_conn_id=aws_conn_id, response={}, db_type="instance")
+    return RdsParametersInSyncTrigger(db_identifier=wait.identifier, waiter_delay=poll_seconds,
+                                      waiter_max_attempts=attempts, aws_conn_id=aws_conn_id)

@@ -123,6 +123,10 @@ class ReplicationDriver(ABC):
     def detach(self) -> dict:
         """Stop replicating between the nodes and remove the driver's objects; idempotent."""
 
+    def clean_failed_join(self) -> dict:
+        """Remove what a failed join left on the joining node; {} for a driver that does not join."""
+        return {}
+
     def conflict_marks(self) -> dict[str, int]:
         """Where each node's conflict history stands now; {} for a driver that cannot conflict."""
         return {}

@@ -251,7 +251,7 @@ class PgactiveDriver(ReplicationDriver):
             with self._connect(observer) as connection:
                 rows = query(connection, "SELECT node_status::text FROM pgactive.pgactive_nodes WHERE node_name = %s",
                              (self.node_name(node),))
-                status = rows[0][0] if rows else None
+                status = rows[0][0] if rows else "absent"
                 if status == "r":
                     return
                 joining = observer is node and status in ("b", "i")
@@ -572,7 +572,7 @@ class PgactiveDriver(ReplicationDriver):
 
     def export_conflict_history(self) -> dict[str, list[dict]]:
         """Both nodes' conflict history (pgactive_remove deletes it): record it in the run before removal."""
-        history = {}
+        history: dict[str, list[dict]] = {}
         for node in self.nodes:
             try:
                 with self._connect(node) as connection:

@@ -17,7 +17,7 @@ def build_controller(settings: dict, *, source_endpoint: tuple[str, int], target
         return HAProxyController(
             runtime_api=cfg["runtime_api"], routes=routes_from_settings(cfg["routes"]),
             source_server=cfg.get("source_server", "source"), target_server=cfg.get("target_server", "target"),
-            target_address=tuple(target_endpoint) if cfg.get("set_target_address") else None)
+            target_address=(target_endpoint[0], target_endpoint[1]) if cfg.get("set_target_address") else None)
     if kind == "route53":
         if route53_client is None:
             raise ValueError("traffic controller route53 needs a route53 client")

@@ -44,7 +44,7 @@ def _ip_of(host: str, port: int) -> str:
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+        return str(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
 
 
 class HAProxyController(TrafficController):
@@ -82,7 +82,7 @@ class HAProxyController(TrafficController):
     def _apply(self, percent: int, routes: tuple[Route, ...]) -> None:
         weights = {self.target_server: percent, self.source_server: 100 - percent}
         # Raise the side that ends up heavier first, so the backend never has both weights at 0.
-        order = sorted(weights, key=weights.get, reverse=True)
+        order = sorted(weights, key=weights.__getitem__, reverse=True)
         for route in routes:
             if self.target_address:
                 self._point_target(route.name)
@@ -102,7 +102,7 @@ class HAProxyController(TrafficController):
         for route in sorted(self.routes, key=lambda r: not r.carries_writes):
             if self.target_address:
                 self._point_target(route.name)
-            for server in sorted(weights, key=weights.get, reverse=True):
+            for server in sorted(weights, key=weights.__getitem__, reverse=True):
                 if weights[server]:
                     commands.append(f"set server {route.name}/{server} state ready")
                 commands.append(f"set weight {route.name}/{server} {weights[server]}")
@@ -113,6 +113,7 @@ class HAProxyController(TrafficController):
             raise TrafficError(f"HAProxy runtime API refused part of the switch to {percent} %: {answer}")
 
     def _point_target(self, backend: str) -> None:
+        assert self.target_address is not None
         host, port = self.target_address
         ip = _ip_of(host, port)
         runtime_command(self.runtime_api, f"set server {backend}/{self.target_server} addr {ip} port {port}",

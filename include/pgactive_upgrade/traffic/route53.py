@@ -81,7 +81,7 @@ class Route53Controller(TrafficController):
         name = fqdn(route.name)
         kwargs = {"HostedZoneId": self.hosted_zone_id, "StartRecordName": name, "StartRecordType": "CNAME",
                   "MaxItems": str(self.page_size)}
-        records = []
+        records: list[dict] = []
         try:
             while True:
                 page = self.client.list_resource_record_sets(**kwargs)
