@@ -7,8 +7,8 @@ Redis (topology.redis) in ``<home>/redis`` as the broker, the result backend on 
 
 Each component runs as a background process in its own session, with a pidfile ("pid start-time")
 and a log file in ``<home>/run/``; everything a component starts (executor workers, task processes,
-trigger runners) stays in that session, which is how stop() finds it. Only stdlib here: importing
-airflow in the caller's process would read the caller's configuration.
+trigger runners) stays in that session, which is how stop() finds it. Never import airflow here (it would read the
+caller's configuration): the REST API is driven with the official client, apache-airflow-client.
 
 CLI: python -m topology.airflow_local start|stop|status --home .local/demo/airflow --port 25480
 """
@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from pathlib import Path
 from typing import NamedTuple
+
+from airflow_client.client import ApiClient, Configuration, DagRunApi, TaskInstanceApi, TriggerDAGRunPostBody
 
 from topology.redis import RedisServer
 
@@ -451,8 +453,14 @@ class LocalAirflow:
         self._token, self._token_time = response["access_token"], time.monotonic()
         return self._token
 
+    def client(self) -> ApiClient:
+        """The official REST client (apache-airflow-client), authenticated: use its typed APIs, e.g.
+        ``DagRunApi(airflow.client()).get_dag_run(dag_id, run_id)``."""
+        return ApiClient(Configuration(host=self.url, access_token=self.token()))
+
     def api(self, method: str, path: str, json: dict | None = None) -> dict:
-        """Authenticated call to /api/v2/<path> (path may include the prefix or not)."""
+        """Authenticated call to /api/v2/<path> (path may include the prefix or not), through the official client's
+        transport, for endpoints and bodies its typed APIs do not cover the way a test needs."""
         full_path = path if path.startswith("/api/v2/") else "/api/v2/" + path.lstrip("/")
         try:
             return self._request(method, full_path, json, token=self.token())
@@ -464,18 +472,16 @@ class LocalAirflow:
 
     def _request(self, method: str, path: str, body: dict | None, token: str | None) -> dict:
         headers = {"Accept": "application/json"}
-        data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
-            data = json.dumps(body).encode()
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            raise AirflowApiError(method, path, error.code, error.read().decode(errors="replace")) from None
+        with ApiClient(Configuration(host=self.url)) as client:
+            response = client.call_api(method, self.url + path, header_params=headers, body=body,
+                                       _request_timeout=30)
+            raw = response.read()
+        if response.status >= 400:
+            raise AirflowApiError(method, path, response.status, raw.decode(errors="replace"))
         return _json_or_empty(raw)
 
     # ----- DAGs and runs ------------------------------------------------------------------------
@@ -512,13 +518,13 @@ class LocalAirflow:
             )
 
     def trigger(self, dag_id: str, conf: dict, run_id: str | None = None) -> str:
-        body: dict = {"logical_date": None, "conf": conf}
-        if run_id:
-            body["dag_run_id"] = run_id
-        return self.api("POST", f"dags/{_q(dag_id)}/dagRuns", body)["dag_run_id"]
+        body = TriggerDAGRunPostBody(logical_date=None, conf=conf, dag_run_id=run_id)
+        with self.client() as client:
+            return DagRunApi(client).trigger_dag_run(dag_id, body).dag_run_id
 
     def run_state(self, dag_id: str, run_id: str) -> str:
-        return self.api("GET", f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}")["state"]
+        with self.client() as client:
+            return DagRunApi(client).get_dag_run(dag_id, run_id).state.value
 
     def wait_for_run(
         self,
@@ -541,24 +547,22 @@ class LocalAirflow:
                 raise TimeoutError(f"run {dag_id}/{run_id} still {state} after {timeout}s: {states}")
             time.sleep(poll_interval)
 
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        base = f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances"
-        return self._paged(base, "task_instances")
-
-    def _paged(self, path: str, key: str, page: int = 100) -> list[dict]:
+    def task_instances(self, dag_id: str, run_id: str, page: int = 100) -> list[dict]:
+        """Every task instance of the run, as the JSON the API sends."""
         items: list[dict] = []
-        while True:
-            answer = self.api("GET", f"{path}?limit={page}&offset={len(items)}")
-            items += answer[key]
-            if not answer[key] or len(items) >= answer["total_entries"]:
-                return items
+        with self.client() as client:
+            api = TaskInstanceApi(client)
+            while True:
+                answer = _raw(api.get_task_instances_without_preload_content(dag_id, run_id, limit=page, offset=len(items)))
+                items += answer["task_instances"]
+                if not answer["task_instances"] or len(items) >= answer["total_entries"]:
+                    return items
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> list:
-        path = (
-            f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/logs/{try_number}"
-            f"?full_content=true&map_index={map_index}"
-        )
-        return self.api("GET", path).get("content", [])
+        with self.client() as client:
+            answer = TaskInstanceApi(client).get_log_without_preload_content(
+                dag_id, run_id, task_id, try_number, full_content=True, map_index=map_index, accept="application/json")
+        return _raw(answer).get("content", [])
 
     def saw_deferred(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> bool:
         """Did this task instance go through state "deferred" (in any try)? Works after the fact.
@@ -577,9 +581,11 @@ class LocalAirflow:
         )
 
     def _try_number(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> int:
-        suffix = f"/{map_index}" if map_index >= 0 else ""
-        path = f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}{suffix}"
-        return self.api("GET", path).get("try_number") or 0
+        with self.client() as client:
+            api = TaskInstanceApi(client)
+            if map_index >= 0:
+                return api.get_mapped_task_instance(dag_id, run_id, task_id, map_index).try_number or 0
+            return api.get_task_instance(dag_id, run_id, task_id).try_number or 0
 
 
 # ----- helpers ----------------------------------------------------------------------------------
@@ -592,6 +598,13 @@ def _is_deferral_entry(entry) -> bool:
 
 def _q(value: str) -> str:
     return urllib.parse.quote(value, safe="")
+
+
+def _raw(response) -> dict:
+    """The JSON body of a client call made `_without_preload_content` (the typed models drop null fields)."""
+    if response.status >= 400:
+        raise AirflowApiError("GET", response.geturl() or "", response.status, response.data.decode(errors="replace"))
+    return _json_or_empty(response.data)
 
 
 def _json_or_empty(raw: bytes) -> dict:

@@ -34,7 +34,7 @@ def test_health_reports_every_component_healthy(local_airflow):
 
 
 def test_api_listens_on_loopback_only(local_airflow):
-    assert local_airflow.url == "http://127.0.0.1:26480"
+    assert local_airflow.url == f"http://127.0.0.1:{local_airflow.port}"
     with pytest.raises(OSError):
         socket.create_connection((_non_loopback_address(), local_airflow.port), timeout=2).close()
 
@@ -96,7 +96,7 @@ def test_another_home_on_the_same_port_does_not_take_this_instance_for_its_own(l
         home=tmp_path / "other_home", dags_folder=local_airflow.dags_folder,
         plugins_folder=local_airflow.plugins_folder, port=local_airflow.port,
     )
-    with pytest.raises(RuntimeError, match="port 26480 is in use"):
+    with pytest.raises(RuntimeError, match=f"port {local_airflow.port} is in use"):
         stranger.start(timeout=30)
     assert local_airflow.status()["components"]["api-server"]["alive"]
 
