@@ -51,7 +51,10 @@ with DAG(
     tags=["postgres", "rds", "upgrade"],
     default_args={"retries": 0},
 ) as dag:
-    validate_request = ValidateRequestOperator(task_id="validate_request", execution_timeout=timedelta(seconds=30))
+    # Only reads (conf, RDS): a busy worker (bench/fleet.py: 20 runs starting at once) may take long, so retry.
+    validate_request = ValidateRequestOperator(
+        task_id="validate_request", execution_timeout=timedelta(minutes=3), retries=2, retry_delay=timedelta(seconds=15)
+    )
     preflight = PreflightOperator(task_id="preflight", execution_timeout=timedelta(minutes=5))
     provision_target = ProvisionTargetOperator(
         task_id="provision_target", execution_timeout=timedelta(minutes=15), retries=2, retry_delay=timedelta(seconds=30)

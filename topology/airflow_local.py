@@ -30,13 +30,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from pathlib import Path
 from typing import NamedTuple
 
 from airflow_client.client import ApiClient, Configuration, DagRunApi, TaskInstanceApi, TriggerDAGRunPostBody
+from airflow_client.client.exceptions import ApiException
 
 from topology.redis import RedisServer
 
@@ -453,10 +455,17 @@ class LocalAirflow:
         self._token, self._token_time = response["access_token"], time.monotonic()
         return self._token
 
-    def client(self) -> ApiClient:
+    @contextmanager
+    def client(self) -> Iterator[ApiClient]:
         """The official REST client (apache-airflow-client), authenticated: use its typed APIs, e.g.
-        ``DagRunApi(airflow.client()).get_dag_run(dag_id, run_id)``."""
-        return ApiClient(Configuration(host=self.url, access_token=self.token()))
+        ``with airflow.client() as client: DagRunApi(client).get_dag_run(dag_id, run_id)``. A refusal is raised as
+        AirflowApiError, like every other call here."""
+        with ApiClient(Configuration(host=self.url, access_token=self.token())) as client:
+            try:
+                yield client
+            except ApiException as error:
+                body = error.body.decode(errors="replace") if isinstance(error.body, bytes) else str(error.body)
+                raise AirflowApiError("client", error.reason or "", error.status or 0, body) from None
 
     def api(self, method: str, path: str, json: dict | None = None) -> dict:
         """Authenticated call to /api/v2/<path> (path may include the prefix or not), through the official client's

@@ -46,6 +46,13 @@ def test_api_error_carries_status_and_body(local_airflow):
     assert "no_such_dag" in error.value.body
 
 
+def test_a_refusal_through_the_typed_client_is_an_api_error_too(local_airflow):
+    with pytest.raises(AirflowApiError) as error:
+        local_airflow.trigger("no_such_dag", {})
+    assert error.value.status == 404
+    assert "no_such_dag" in error.value.body
+
+
 def test_token_is_refused_with_a_wrong_password(local_airflow):
     with pytest.raises(AirflowApiError) as error:
         local_airflow._request("POST", "/auth/token", {"username": "admin", "password": "wrong"}, token=None)

@@ -66,7 +66,10 @@ class ValidateRequestOperator(BaseOperator):
     """Refuses bad conf (including unknown keys) before anything is touched; returns the phases to map over."""
 
     def execute(self, context) -> list[int]:
-        request = request_from(context)
+        try:
+            request = request_from(context)
+        except config.RequestError as error:
+            raise AirflowFailException(str(error)) from None  # bad conf: retrying cannot help
         self._claim(context, request)
         emit("request_valid", source=request.source_instance, target_version=request.target_engine_version,
              driver=request.replication_driver, phases=list(request.shift_percentages))
