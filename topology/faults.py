@@ -199,8 +199,8 @@ def _child() -> int:
     kill_at = spec["kill_at"]
     advance, step = FencedSwitch._advance, FencedSwitch._step
 
-    def advance_then_maybe_die(self, source, state, phase, mirror=None):
-        advance(self, source, state, phase, mirror)
+    def advance_then_maybe_die(self, source, state, phase, mirror=None, durable=True):
+        advance(self, source, state, phase, mirror, durable)
         if phase == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 

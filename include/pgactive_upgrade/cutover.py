@@ -9,6 +9,7 @@ for real (fencing.fence) before the other one is opened, so exactly one node tak
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
@@ -79,9 +80,9 @@ class FencedSwitch:
         self.timings_ms[name] = ms_since(began)
         return result
 
-    def _advance(self, source, state: SwitchState, phase: str, mirror=None) -> None:
+    def _advance(self, source, state: SwitchState, phase: str, mirror=None, durable: bool = True) -> None:
         state.phase = phase
-        switch_state.write(source, self.key, state)
+        switch_state.write(source, self.key, state, durable)
         if mirror is not None:
             switch_state.write(mirror, self.key, state)
         emit("switch_phase", direction=state.direction, phase=phase, token=self.token)
@@ -201,7 +202,7 @@ class Cutover(FencedSwitch):
     def _cut_over(self, source) -> dict:
         previous = self.controller.read_split()
         self._step("before_fence", self.driver.before_fence)
-        with self._connect(self.target) as target:
+        with self._connect(self.target) as target, self._connect(self.target) as target_for_reverse:
             switch_state.ensure_table(target)
             # Roles that logged in to the target since the build (or were added) get its read-only default too.
             missing = sorted(set(self.roles) - set(fencing.read_only_roles(target, self.target.dbname)))
@@ -210,16 +211,16 @@ class Cutover(FencedSwitch):
             state = SwitchState(CUTOVER, "fencing", self.token, previous)
             started = time.monotonic()
             try:
-                self._advance(source, state, "fencing")
+                self._advance(source, state, "fencing")  # durable: it holds the split and the fence to undo
                 ended = self._step("fence", fencing.fence, source, self.source.dbname, self.roles)
-                self._advance(source, state, "fenced")
+                # Inside the fence, each phase up to `switching` is undone the same way as `fencing`: no WAL flush.
+                self._advance(source, state, "fenced", durable=False)
                 self._step("marker_written", self.driver.write_marker, source, self.token)
                 self._step("caught_up", self._wait_for_marker, target, started, "the target")
-                self._advance(source, state, "caught_up")
-                moved = self._step("sequences", sequences.move_forward, source, target, self.sequences)
-                self._advance(source, state, "sequences")
-                self._step("reverse_prepared", self.driver.prepare_reverse, target)
-                self._advance(source, state, "reverse_prepared")
+                self._advance(source, state, "caught_up", durable=False)
+                moved = self._sequences_and_reverse(source, target, target_for_reverse)
+                self._advance(source, state, "sequences", durable=False)
+                self._advance(source, state, "reverse_prepared", durable=False)
                 self._check_deadline(started, "before the traffic switch")
                 self._advance(source, state, SWITCHING, mirror=target)
             except BaseException as error:  # a task timeout or termination too: nothing half-done stays
@@ -253,6 +254,15 @@ class Cutover(FencedSwitch):
         }
         emit("cutover_done", write_unavailable_ms=unavailable_ms, sequences_moved=len(moved), sessions_ended=ended)
         return result
+
+    def _sequences_and_reverse(self, source, target, target_for_reverse) -> dict:
+        """Both need only the marker to have arrived and touch different objects: side by side, inside the fence.
+        Leaving the pool waits for the reverse capture, so an undo never races its creation."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reverse = pool.submit(self._step, "reverse_prepared", self.driver.prepare_reverse, target_for_reverse)
+            moved = self._step("sequences", sequences.move_forward, source, target, self.sequences)
+            reverse.result()
+        return moved
 
     def _already_done(self, state: SwitchState) -> dict:
         if state.direction != DETACH:

@@ -90,14 +90,28 @@ def read(connection, key: str) -> SwitchState | None:
     return SwitchState(*rows[0]) if rows else None
 
 
-def write(connection, key: str, state: SwitchState) -> None:
+def write(connection, key: str, state: SwitchState, durable: bool = True) -> None:
+    """durable=False skips the WAL flush (synchronous_commit off for this one transaction, still one round trip):
+    for a phase whose loss in a server crash changes nothing, because recovery from the phase before it takes the
+    same way out. A later durable write flushes it anyway."""
     state.holder = state.holder or holder_name()
-    execute(connection, sql.SQL(
+    if not durable:
+        execute(connection, sql.SQL("BEGIN; SET LOCAL synchronous_commit TO off; {}; COMMIT").format(_upsert()),
+                _row(key, state))
+        return
+    execute(connection, _upsert(), _row(key, state))
+
+
+def _upsert() -> sql.Composed:
+    return sql.SQL(
         "INSERT INTO {} AS s (key, direction, phase, token, previous_split, holder) VALUES (%s, %s, %s, %s, %s, %s) "
         "ON CONFLICT (key) DO UPDATE SET direction = excluded.direction, phase = excluded.phase, token = excluded.token, "
         "previous_split = excluded.previous_split, holder = excluded.holder, updated_at = clock_timestamp()"
-    ).format(qualified(META_SCHEMA, STATE_TABLE)),
-        (key, state.direction, state.phase, state.token, json.dumps(state.previous_split), state.holder))
+    ).format(qualified(META_SCHEMA, STATE_TABLE))
+
+
+def _row(key: str, state: SwitchState) -> tuple:
+    return key, state.direction, state.phase, state.token, json.dumps(state.previous_split), state.holder
 
 
 def confirm(connection, key: str, state: SwitchState) -> None:
