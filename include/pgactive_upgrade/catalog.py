@@ -94,3 +94,14 @@ def missing_tables(connection, expected: list[Table]) -> list[str]:
 
 def user_tables(connection) -> list[str]:
     return [f"{s}.{n}" for s, n, _ in query(connection, _TABLES, (list(SYSTEM_SCHEMAS),))]
+
+
+def total_bytes(connection, tables: list[Table]) -> int:
+    """Bytes the tables take on disk with their indexes and TOAST; a partitioned table counts its partitions."""
+    if not tables:
+        return 0
+    return int(query(connection, """
+        SELECT coalesce(sum(pg_total_relation_size(p.relid)), 0)
+        FROM unnest(%s::text[], %s::text[]) AS t(schema, name)
+        CROSS JOIN LATERAL pg_partition_tree((quote_ident(t.schema) || '.' || quote_ident(t.name))::regclass) p
+        WHERE p.isleaf""", ([t.schema for t in tables], [t.name for t in tables]))[0][0])

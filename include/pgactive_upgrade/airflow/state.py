@@ -31,7 +31,7 @@ def record_step(context, source_identifier: str, step: str, state: str, **extra:
     previous = read(progress.record_key(source_identifier)) or {}
     same_run = previous.get("run_id") == dag_run.run_id
     # What happened to the databases outlives the run that did it: a cutover or a detach cannot be repeated.
-    kept = {k: v for k, v in previous.items() if k in ("cut_over", "detached") or (same_run and k in ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at"))}
+    kept = {k: v for k, v in previous.items() if k in ("cut_over", "detached") or (same_run and k in ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at", "statistics_progress", "extensions_updated"))}
     record = progress.progress_record(
         dag_id=dag_run.dag_id, run_id=dag_run.run_id, conf=dict(dag_run.conf or {}), step=step, state=state,
         **{**kept, **extra},
