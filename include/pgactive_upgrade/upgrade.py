@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
+import psycopg2
+
 from pgactive_upgrade import (
     catalog, fencing, health, join_repair, latency, matviews, plan, preflight, rds, sequences, statistics, switch_state,
     verify,
@@ -391,7 +393,10 @@ class Upgrade:
                                                self.request.probe_budget_ms)
         problems += probe_problems
         if not any(p.startswith("target does not accept connections") for p in probe_problems):
-            problems += self.compare_latency().problems
+            try:
+                problems += self.compare_latency().problems
+            except psycopg2.Error as error:  # a node unreachable now: the phase cannot be judged healthy
+                problems.append(f"latency comparison could not run: {type(error).__name__}: {str(error).strip()[:200]}")
         emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
         return problems, lag
 
