@@ -226,7 +226,8 @@ FIELDS: dict[str, dict] = {
         [],
         "Health probe queries",
         "Extra SQL statements (one each, no ';') run on the new instance after each phase inside a READ ONLY "
-        "transaction that is rolled back; each must succeed within the probe budget.",
+        "transaction that is rolled back; each must succeed within the probe budget, and is timed on both instances "
+        "for the latency comparison.",
         "Safety",
         example=["SELECT count(*) FROM billing.invoices WHERE id < 100"],
     ),

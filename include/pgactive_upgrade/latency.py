@@ -206,8 +206,8 @@ def top_of_source(connection, wanted: int, user_functions: frozenset[str]) -> tu
 
 def _statements_by_total_time(connection, limit: int) -> tuple[list[tuple], str | None]:
     try:
-        schema = query(connection, "SELECT extnamespace::regnamespace::text FROM pg_extension "
-                                   "WHERE extname = 'pg_stat_statements'")
+        schema = query(connection, "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                                   "WHERE e.extname = 'pg_stat_statements'")
         if not schema:
             return [], "the extension is not created in this database"
         view = sql.SQL("{}.pg_stat_statements").format(sql.Identifier(schema[0][0]))
