@@ -101,7 +101,10 @@ def total_bytes(connection, tables: list[Table]) -> int:
     if not tables:
         return 0
     return int(query(connection, """
-        SELECT coalesce(sum(pg_total_relation_size(p.relid)), 0)
-        FROM unnest(%s::text[], %s::text[]) AS t(schema, name)
-        CROSS JOIN LATERAL pg_partition_tree((quote_ident(t.schema) || '.' || quote_ident(t.name))::regclass) p
-        WHERE p.isleaf""", ([t.schema for t in tables], [t.name for t in tables]))[0][0])
+        SELECT coalesce(sum(pg_total_relation_size(l.relid)), 0)
+        FROM (SELECT (quote_ident(schema) || '.' || quote_ident(name))::regclass AS root
+              FROM unnest(%s::text[], %s::text[]) AS u(schema, name)) t
+        CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(t.root) WHERE isleaf
+                            UNION ALL  -- a plain table has no partition tree
+                            SELECT t.root WHERE NOT EXISTS (SELECT 1 FROM pg_partition_tree(t.root))) l
+        """, ([t.schema for t in tables], [t.name for t in tables]))[0][0])
