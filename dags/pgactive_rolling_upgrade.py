@@ -1,7 +1,8 @@
 """
 ### Rolling major-version upgrade of RDS for PostgreSQL
 
-Provisions a new instance of the target major version, replicates the source into it, shifts traffic in
+With `plan_only: true` the run stops after preflight with a plan of everything it would do, changing nothing.
+Otherwise it provisions a new instance of the target major version, replicates the source into it, shifts traffic in
 phases with health checks, verifies every row while writes go on, cuts over with a fenced, deadline-bound
 switch, verifies every row and sequence again,
 then (when the conf says `decommission: delete`) detaches the old node and deletes it after a final snapshot.
@@ -26,6 +27,7 @@ from pgactive_upgrade.airflow.operators import (
     InstallExtensionOperator,
     PhaseGateSensor,
     PhaseHealthCheckOperator,
+    PlanOperator,
     PreflightOperator,
     PrepareTargetOperator,
     ProvisionTargetOperator,
@@ -56,6 +58,8 @@ with DAG(
         task_id="validate_request", execution_timeout=timedelta(minutes=3), retries=2, retry_delay=timedelta(seconds=15)
     )
     preflight = PreflightOperator(task_id="preflight", execution_timeout=timedelta(minutes=5))
+    # plan_only: the plan is made here and every later task is skipped; otherwise the run goes on.
+    plan = PlanOperator(task_id="plan", execution_timeout=timedelta(minutes=5))
     provision_target = ProvisionTargetOperator(
         task_id="provision_target", execution_timeout=timedelta(minutes=15), retries=2, retry_delay=timedelta(seconds=30)
     )
@@ -103,6 +107,7 @@ with DAG(
     chain(
         validate_request,
         preflight,
+        plan,
         provision_target,
         configure_parameters,
         install_extension,

@@ -94,3 +94,17 @@ def missing_tables(connection, expected: list[Table]) -> list[str]:
 
 def user_tables(connection) -> list[str]:
     return [f"{s}.{n}" for s, n, _ in query(connection, _TABLES, (list(SYSTEM_SCHEMAS),))]
+
+
+def total_bytes(connection, tables: list[Table]) -> int:
+    """Bytes the tables take on disk with their indexes and TOAST; a partitioned table counts its partitions."""
+    if not tables:
+        return 0
+    return int(query(connection, """
+        SELECT coalesce(sum(pg_total_relation_size(l.relid)), 0)
+        FROM (SELECT (quote_ident(schema) || '.' || quote_ident(name))::regclass AS root
+              FROM unnest(%s::text[], %s::text[]) AS u(schema, name)) t
+        CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(t.root) WHERE isleaf
+                            UNION ALL  -- a plain table has no partition tree
+                            SELECT t.root WHERE NOT EXISTS (SELECT 1 FROM pg_partition_tree(t.root))) l
+        """, ([t.schema for t in tables], [t.name for t in tables]))[0][0])

@@ -228,7 +228,8 @@ FIELDS: dict[str, dict] = {
         [],
         "Health probe queries",
         "Extra SQL statements (one each, no ';') run on the new instance after each phase inside a READ ONLY "
-        "transaction that is rolled back; each must succeed within the probe budget.",
+        "transaction that is rolled back; each must succeed within the probe budget, and is timed on both instances "
+        "for the latency comparison.",
         "Safety",
         example=["SELECT count(*) FROM billing.invoices WHERE id < 100"],
     ),
@@ -237,6 +238,38 @@ FIELDS: dict[str, dict] = {
         1000,
         "Probe latency budget (ms)",
         "Connecting to the new instance and each probe query must finish within this many milliseconds.",
+        "Safety",
+    ),
+    "max_latency_ratio": _field(
+        {"type": "number", "minimum": 1, "maximum": 100},
+        1.5,
+        "Largest latency ratio new/old",
+        "After each phase the probe queries (and the source's top read-only statements from pg_stat_statements, "
+        "where available) are timed on both instances; the phase fails when the new instance's median exceeds the "
+        "old one's by more than this factor (and by more than the latency floor).",
+        "Safety",
+    ),
+    "latency_floor_ms": _field(
+        {"type": "integer", "minimum": 0, "maximum": 60000},
+        5,
+        "Latency floor (ms)",
+        "Differences of median latency below this many milliseconds never fail a phase (tiny timings are noisy).",
+        "Safety",
+    ),
+    "latency_top_statements": _field(
+        {"type": "integer", "minimum": 0, "maximum": 20},
+        5,
+        "Top statements compared",
+        "How many of the source's statements by total time (pg_stat_statements; only SELECTs safe to re-run) are "
+        "compared with the probes; 0: the probes only.",
+        "Safety",
+    ),
+    "plan_only": _field(
+        {"type": "boolean"},
+        False,
+        "Plan only",
+        "Validate, run preflight and end with the plan (resources, reboots, steps, copy estimate, phases, fence, "
+        "rollback path) in the task log and XCom; nothing is created, changed or rebooted.",
         "Safety",
     ),
     "rds_poll_seconds": _field(
@@ -253,6 +286,14 @@ FIELDS: dict[str, dict] = {
         "Verify parallelism",
         "Chunk digests run at once on each node during verification (before and after cutover); each holds one "
         "connection per node.",
+        "Replication",
+    ),
+    "analyze_parallelism": _field(
+        {"type": "integer", "minimum": 1, "maximum": 16},
+        4,
+        "ANALYZE parallelism",
+        "Tables analyzed at once on the new instance after the initial sync, before any traffic reaches it "
+        "(logical replication copies rows, not planner statistics).",
         "Replication",
     ),
     "lag_threshold_bytes": _field(
@@ -418,7 +459,12 @@ class UpgradeRequest:
     shift_mode: str = "percent"
     health_probes: tuple[str, ...] = ()
     probe_budget_ms: int = 1000
+    max_latency_ratio: float = 1.5
+    latency_floor_ms: int = 5
+    latency_top_statements: int = 5
+    plan_only: bool = False
     rds_poll_seconds: int = 30
+    analyze_parallelism: int = 4
     verify_parallelism: int = 4
     phase_settle_seconds: int = 60
     lag_threshold_bytes: int = 1 << 20

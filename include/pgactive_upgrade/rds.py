@@ -203,6 +203,14 @@ def custom_parameters(rds, name: str | None) -> dict[str, str]:
     return _user_parameters(rds, name)
 
 
+def planned_parameter_group(rds, name: str, parameters: dict[str, str]) -> dict:
+    """What ensure_parameter_group would do, changing nothing: {exists, set: the parameters it would set}."""
+    group = _describe_parameter_group(rds, name)
+    current = {} if group is None else _user_parameters(rds, name)
+    return {"exists": group is not None, "family": group["DBParameterGroupFamily"] if group else None,
+            "set": {k: str(v) for k, v in parameters.items() if current.get(k) != str(v)}}
+
+
 def ensure_parameter_group(rds, name: str, family: str, description: str, parameters: dict[str, str]) -> bool:
     """Create the group if missing and set ``parameters``; returns True when anything changed."""
     validate_identifier(name, kind="DB parameter group name", max_len=PARAMETER_GROUP_MAX)

@@ -10,8 +10,11 @@ from functools import cached_property
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg2
+
 from pgactive_upgrade import (
-    catalog, fencing, health, identifiers, join_repair, matviews, preflight, rds, sequences, switch_state, verify,
+    catalog, fencing, health, identifiers, join_repair, latency, matviews, plan, preflight, rds, sequences, statistics,
+    switch_state, verify,
 )
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.preflight import Context as PreflightContext
@@ -29,9 +32,10 @@ from pgactive_upgrade.traffic.base import TrafficController
 
 
 class PreflightError(RuntimeError):
-    def __init__(self, message: str, warnings: list[dict] | None = None):
+    def __init__(self, message: str, warnings: list[dict] | None = None, problems: list[str] | None = None):
         super().__init__(message)
         self.warnings = warnings or []  # what preflight found besides the blocking problems
+        self.problems = problems or [message]
 
 
 class AlreadySwitchedError(RuntimeError):
@@ -47,6 +51,7 @@ class Upgrade:
     dbname: str = "postgres"
     route53_client: object | None = None
     _driver: ReplicationDriver | None = field(default=None, init=False, repr=False)
+    last_latency: latency.Comparison | None = field(default=None, init=False, repr=False)  # of the last health check
 
     # --- what the upgrade acts on -------------------------------------------------------------
     @cached_property
@@ -155,7 +160,7 @@ class Upgrade:
         problems = [f.message for f in findings if f.blocks]
         warnings = [f.as_dict() for f in findings if not f.blocks]
         if problems:
-            raise PreflightError("preflight failed: " + "; ".join(problems), warnings)
+            raise PreflightError("preflight failed: " + "; ".join(problems), warnings, problems)
         result: dict[str, Any] = {"source": source.identifier, "engine_version": source.engine_version, "tables": len(context.tables),
                   "application_roles": context.application_roles, "split": split,
                   "source_needs_reboot": plan.needs_reboot, "warnings": warnings}
@@ -202,6 +207,13 @@ class Upgrade:
         return preflight.parameter_findings(source, target, driver_sets, self.source.parameter_group or "(none)",
                                             self.parameter_group)
 
+    def make_plan(self, preflight_found: dict) -> dict:
+        """What a run of this conf would do (plan.py); changes nothing. preflight_found: {blocking, warnings}."""
+        made = plan.make(self, preflight_found)
+        emit("plan_made", resources=len(made["resources"]), reboots=len(made["reboots"]),
+             blocking=len(made["preflight"]["blocking"]), copy_seconds=made["copy_estimate"]["seconds"])
+        return made
+
     def check_target(self) -> None:
         """The preflight checks that need the target (extensions, database locale, roles, capacity), once it answers."""
         with connected(self.endpoint(self.source), self.admin) as source, connected(
@@ -219,11 +231,26 @@ class Upgrade:
             findings.append(preflight.block("traffic", f"traffic: cannot read the current split: {error}"))
             return {}
 
-    def prepare_target(self) -> dict:
-        """After the initial sync, before any traffic reaches the target: what replication does not carry."""
+    def prepare_target(self, progress=lambda figures: None) -> dict:
+        """After the initial sync, before any traffic reaches the target: what replication does not carry.
+        Extensions first (an update may change types and operators), then the materialized views, then the
+        planner statistics of every replicated table and refreshed view. progress: called as ANALYZE goes on."""
         with connected(self.endpoint(self.source), self.admin) as connection:
             self.check_not_switched(connection)
-        return self.refresh_materialized_views()
+        target = self.endpoint(self.target())
+        with connected(target, self.admin) as connection:
+            extensions = statistics.update_extensions(connection)
+        emit("extensions_updated", count=len(extensions), extensions=[e["name"] for e in extensions])
+        refreshed = self.refresh_materialized_views()["refreshed"]
+        relations = [(t.schema, t.name) for t in self.tables()] + [tuple(v.split(".", 1)) for v in refreshed]
+
+        def report(figures: dict) -> None:
+            emit("analyze_progress", **figures)
+            progress(figures)
+
+        analyzed = statistics.analyze(target, self.admin, relations, self.request.analyze_parallelism, report)
+        emit("statistics_collected", **analyzed)
+        return {"refreshed": refreshed, "extensions_updated": extensions, "statistics": analyzed}
 
     def refresh_materialized_views(self) -> dict:
         """Materialized views arrive empty on the target: refresh each there (after the initial sync, before reads
@@ -365,10 +392,27 @@ class Upgrade:
         lag = driver.lag()
         if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
             problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
-        problems += health.probe_problems(self.endpoint(self.target()), self.admin, self.request.health_probes,
-                                          self.request.probe_budget_ms)
+        probe_problems = health.probe_problems(self.endpoint(self.target()), self.admin, self.request.health_probes,
+                                               self.request.probe_budget_ms)
+        problems += probe_problems
+        if not any(p.startswith("target does not accept connections") for p in probe_problems):
+            try:
+                problems += self.compare_latency().problems
+            except psycopg2.Error as error:  # a node unreachable now: the phase cannot be judged healthy
+                problems.append(f"latency comparison could not run: {type(error).__name__}: {str(error).strip()[:200]}")
         emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
         return problems, lag
+
+    def compare_latency(self) -> latency.Comparison:
+        """The probes and the source's top statements timed on both nodes (latency.py); kept in last_latency."""
+        comparison = self.last_latency = latency.compare(
+            self.endpoint(self.source), self.endpoint(self.target()), self.admin, self.request.health_probes,
+            max_ratio=self.request.max_latency_ratio, floor_ms=self.request.latency_floor_ms,
+            top_statements=self.request.latency_top_statements, timeout_ms=self.request.probe_budget_ms)
+        emit("latency_compared", statements_from=comparison.statements_from, compared=len(comparison.compared),
+             regressed=len(comparison.regressed), skipped=len(comparison.skipped),
+             log_level=logging.WARNING if comparison.regressed else logging.INFO)
+        return comparison
 
     def rollback(self, token: str) -> dict:
         if rds.describe_instance(self.rds_client, self.target_id) is None:

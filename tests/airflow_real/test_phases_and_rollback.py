@@ -174,3 +174,51 @@ def test_rollback_after_cutover_keeps_every_write_and_is_harmless_twice(ready):
     with topo.old_pg.connect("postgres", dbname="app") as source, source.cursor() as cursor:
         cursor.execute("SELECT subenabled FROM pg_subscription WHERE subname = 'pgu_orders_db_rev'")
         assert cursor.fetchone() == (True,), "replication keeps running after the rollback"
+
+
+SLOW_PROBE = "SELECT count(*), max(payload) FROM public.latency_events WHERE k = 42"
+
+
+def test_a_probe_slower_on_the_target_fails_its_phase_naming_both_timings_with_both_plans(ready):
+    airflow, topo = ready
+    with topo.old_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE public.latency_events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                       "k int NOT NULL, payload text)")
+        cursor.execute("INSERT INTO public.latency_events (k, payload) SELECT g % 5000, md5(g::text) "
+                       "FROM generate_series(1, 300000) g")
+        cursor.execute("CREATE INDEX latency_events_k ON public.latency_events (k)")
+    conf = {**demo_conf(topo), "shift_percentages": [20, 40], "phase_settle_seconds": 10,
+            "health_probes": [SLOW_PROBE], "decommission": "keep"}
+    run_id = airflow.trigger(UPGRADE, conf)
+    wait_for_state(airflow, UPGRADE, run_id, "prepare_target", "success", timeout=240)
+    with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
+        cursor.execute("DROP INDEX public.latency_events_k")  # behind replication's back, during the settle time
+
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=180) == "failed"
+    states = states_of(airflow, UPGRADE, run_id)
+    assert states["traffic_phase.health_check[0]"] == "failed", states
+    assert states["cutover"] in ("upstream_failed", None), states
+    assert topo.haproxy.get_weight("pg_read", "target") == 0, "back to the split before the first phase"
+    log = str(airflow.task_log(UPGRADE, run_id, "traffic_phase.health_check", 1, map_index=0))
+    found = re.search(r"health_probes\[0\] is slower on the target: median ([0-9.]+) ms there, ([0-9.]+) ms on "
+                      r"the source", log)
+    assert found, log[-3000:]
+    assert float(found.group(1)) > 1.5 * float(found.group(2))
+    assert "Seq Scan on latency_events" in log and "latency_events_k" in log, "both plans side by side"
+    entry = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/traffic_phase.health_check/"
+                               "xcomEntries/latency?map_index=0")
+    assert "Seq Scan on latency_events" in str(entry) and "regressed" in str(entry)
+
+
+def test_plan_only_skips_every_later_task_under_a_real_scheduler(ready):
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [20, 40], "plan_only": True}
+    run_id = airflow.trigger(UPGRADE, conf)
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=180) == "success", states_of(airflow, UPGRADE, run_id)
+    states = states_of(airflow, UPGRADE, run_id)
+    assert {k: v for k, v in states.items() if v != "skipped"} == {
+        "validate_request": "success", "preflight": "success", "plan": "success"}, states
+    plan = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/plan/xcomEntries/plan")
+    assert "orders-db-pg17" in str(plan) and "copy_estimate" in str(plan)
+    assert [i["DBInstanceIdentifier"] for i in topo.aws_client("rds").describe_db_instances()["DBInstances"]] == \
+        ["orders-db"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 
 import psycopg2
 import pytest
@@ -183,3 +184,101 @@ def test_a_row_changed_on_the_target_stops_the_run_before_cutover_naming_its_tab
         with app.cursor() as cursor:
             cursor.execute("SELECT inet_server_port()")
             assert cursor.fetchone()[0] == topo.old_pg.port, "no cutover: writes stay on the source"
+
+
+CATALOG = {
+    "relations": "SELECT n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                 "WHERE n.nspname NOT LIKE 'pg\\_%' ORDER BY 1, 2",
+    "roles": "SELECT rolname, rolcanlogin, rolconfig::text FROM pg_roles ORDER BY 1",
+    "extensions": "SELECT extname, extversion FROM pg_extension ORDER BY 1",
+    "publications": "SELECT pubname FROM pg_publication ORDER BY 1",
+    "subscriptions": "SELECT subname FROM pg_subscription ORDER BY 1",
+    "slots": "SELECT slot_name FROM pg_replication_slots ORDER BY 1",
+    "databases": "SELECT datname FROM pg_database ORDER BY 1",
+    "role_settings": "SELECT setdatabase, setrole, setconfig::text FROM pg_db_role_setting ORDER BY 1, 2",
+}
+
+
+ROW_COUNTS = ("SELECT schemaname, relname, (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', "
+              "schemaname, relname), false, true, '')))[1]::text FROM pg_stat_user_tables ORDER BY 1, 2")
+
+
+def catalog_snapshot(server, password) -> dict:
+    snapshot = {}
+    for dbname in ("app", "postgres"):
+        with closing(psycopg2.connect(host="127.0.0.1", port=server.port, dbname=dbname, user="postgres",
+                                      password=password)) as connection, connection.cursor() as cursor:
+            for name, statement in CATALOG.items():
+                cursor.execute(statement)
+                snapshot[f"{dbname}.{name}"] = cursor.fetchall()
+            cursor.execute(ROW_COUNTS)
+            snapshot[f"{dbname}.rows"] = cursor.fetchall()
+    return snapshot
+
+
+def aws_snapshot(topo) -> dict:
+    rds = topo.aws_client("rds")
+    groups = rds.describe_db_parameter_groups()["DBParameterGroups"]
+    return {
+        # LatestRestorableTime: "now" as moto computes it at each call, not a change
+        "instances": [{k: v for k, v in i.items() if k != "LatestRestorableTime"}
+                      for i in rds.describe_db_instances()["DBInstances"]],
+        "groups": groups,
+        "parameters": {g["DBParameterGroupName"]: rds.describe_db_parameters(
+            DBParameterGroupName=g["DBParameterGroupName"], Source="user")["Parameters"] for g in groups},
+        "snapshots": rds.describe_db_snapshots()["DBSnapshots"],
+    }
+
+
+def haproxy_weights(topo) -> dict:
+    return {(backend, server): topo.haproxy.get_weight(backend, server)
+            for backend in ("pg_write", "pg_read") for server in ("source", "target")}
+
+
+def test_plan_only_prints_the_plan_and_changes_nothing(upgrade_env, capfd):
+    topo = upgrade_env
+    password = topo.credentials["postgres"]
+    from airflow.models import Variable
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with closing(psycopg2.connect(app_dsn(topo))) as app:  # a session the cutover's fence would end
+        app.autocommit = True
+        with app.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        before = (aws_snapshot(topo), catalog_snapshot(topo.old_pg, password), catalog_snapshot(topo.new_pg, password),
+                  haproxy_weights(topo))
+
+        run = run_upgrade(topo, plan_only=True, shift_percentages=[25, 50, 100])
+
+        after = (aws_snapshot(topo), catalog_snapshot(topo.old_pg, password), catalog_snapshot(topo.new_pg, password),
+                 haproxy_weights(topo))
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "success", states
+    assert {k: v for k, v in states.items() if v != "skipped"} == {
+        "validate_request": "success", "preflight": "success", "plan": "success"}, states
+    for name, was, now in zip(("moto", "source catalog", "target catalog", "HAProxy weights"), before, after):
+        for part in was:
+            assert now[part] == was[part], f"plan_only changed {name}: {part}"
+    assert Variable.get("pgactive_upgrade__orders-db", default_var=None) is None, "a plan records no upgrade"
+
+    with create_session() as session:
+        row = session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=run.dag_id, task_ids="plan",
+                                                 key="plan")).first()
+        plan = XComModel.deserialize_value(row)
+    assert plan["plan_only"] is True and plan["preflight"]["blocking"] == []
+    actions = {(r["kind"], r["name"]): r["action"] for r in plan["resources"]}
+    assert actions[("DB instance", "orders-db-pg17")] == "create"
+    assert actions[("DB parameter group", "orders-db-pg17-native")] == "create"
+    assert actions[("DB instance", "orders-db")] == "delete"  # the demo conf decommissions the source
+    assert [r["role"] for r in plan["reboots"]] == ["source"]
+    assert [(p["percent"], p["routes"]) for p in plan["phases"]] == [(25, ["pg_read"]), (50, ["pg_read"]),
+                                                                    (100, ["pg_read"])]
+    assert plan["cutover"]["fence_roles"] == ["app"]
+    assert any(s.startswith("app pid ") for s in plan["cutover"]["sessions_ended_now"]), plan["cutover"]
+    estimate = plan["copy_estimate"]
+    assert estimate["tables"] == 4 and estimate["bytes"] > 0 and estimate["seconds"] >= 1
+    assert len(plan["rollback"]) >= 6
+    output = capfd.readouterr()
+    assert "PLAN for orders-db" in output.out + output.err
+    assert "Nothing was created, changed or rebooted" in output.out + output.err

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import BaseOperator, BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from pgactive_upgrade import config, progress, rds
+from pgactive_upgrade import config, plan, progress, rds
 from pgactive_upgrade.airflow import state
 from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf, upgrade_from_request
 from pgactive_upgrade.airflow.triggers import (
@@ -25,7 +26,7 @@ from pgactive_upgrade.events import emit
 from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.replication import Joining
 from pgactive_upgrade.switch_state import LockBusy
-from pgactive_upgrade.upgrade import AlreadySwitchedError, Upgrade
+from pgactive_upgrade.upgrade import AlreadySwitchedError, PreflightError, Upgrade
 
 
 class UpgradeStepOperator(BaseOperator):
@@ -70,9 +71,10 @@ class ValidateRequestOperator(BaseOperator):
             request = request_from(context)
         except config.RequestError as error:
             raise AirflowFailException(str(error)) from None  # bad conf: retrying cannot help
-        self._claim(context, request)
+        if not request.plan_only:  # a plan claims nothing: it must not take over the record of a real upgrade
+            self._claim(context, request)
         emit("request_valid", source=request.source_instance, target_version=request.target_engine_version,
-             driver=request.replication_driver, phases=list(request.shift_percentages))
+             driver=request.replication_driver, phases=list(request.shift_percentages), plan_only=request.plan_only)
         return list(request.shift_percentages)
 
     def _claim(self, context, request: config.UpgradeRequest) -> None:
@@ -107,8 +109,38 @@ class ValidateRequestOperator(BaseOperator):
 
 
 class PreflightOperator(UpgradeStepOperator):
+    def execute(self, context) -> Any:
+        upgrade = upgrade_from(context)
+        if not upgrade.request.plan_only:
+            return super().execute(context)
+        # plan_only: no record is written, and what blocks the run goes into the plan instead of failing here.
+        try:
+            return {**upgrade.preflight(), "blocking": []}
+        except PreflightError as error:
+            self.log.warning("preflight would stop the run: %s", error)
+            return {"blocking": error.problems, "warnings": error.warnings}
+
     def step(self, upgrade, context):
         return upgrade.preflight()
+
+
+class PlanOperator(ShortCircuitOperator):
+    """plan_only: writes the plan (task log, XCom `plan`) and skips every later task; otherwise lets the run go on."""
+
+    ui_color = "#f0f0e8"
+
+    def __init__(self, *, preflight_task_id: str = "preflight", **kwargs):
+        super().__init__(python_callable=self._plan_or_proceed, **kwargs)
+        self.preflight_task_id = preflight_task_id
+
+    def _plan_or_proceed(self, **context) -> bool:
+        upgrade = upgrade_from(context)
+        if not upgrade.request.plan_only:
+            return True
+        made = upgrade.make_plan(context["ti"].xcom_pull(task_ids=self.preflight_task_id) or {})
+        self.log.info("%s", plan.summary(made))
+        context["ti"].xcom_push(key="plan", value=made)
+        return False
 
 
 class ProvisionTargetOperator(UpgradeStepOperator):
@@ -127,10 +159,17 @@ class InstallExtensionOperator(UpgradeStepOperator):
 
 
 class PrepareTargetOperator(UpgradeStepOperator):
-    """After the initial sync, before any traffic reaches the target: fills its materialized views."""
+    """After the initial sync, before any traffic reaches the target: updates its extensions, fills its
+    materialized views and collects planner statistics. ANALYZE's progress goes into the upgrade's record as
+    `statistics_progress`."""
 
     def step(self, upgrade, context):
-        return upgrade.prepare_target()
+        key = progress.record_key(upgrade.request.source_identifier)
+        return upgrade.prepare_target(progress=lambda figures: state.merge(key, {"statistics_progress": figures}))
+
+    def progress_fields(self, result):
+        return {"statistics_progress": {**result["statistics"], "done": result["statistics"]["analyzed"]},
+                "extensions_updated": result["extensions_updated"]}
 
 
 class RefreshMaterializedViewsOperator(UpgradeStepOperator):
@@ -315,8 +354,18 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
         source = upgrade.request.source_identifier
         problems, lag = upgrade.health_check((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
+        comparison = upgrade.last_latency
+        if comparison is not None:
+            self.log.info("Latency, target against source (%s):\n%s", comparison.statements_from,
+                          "\n".join(f"  {c['name']}: source {c['source_ms']} ms, target {c['target_ms']} ms"
+                                    for c in comparison.compared) or "  nothing compared")
         if not problems:
-            return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes}
+            return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes,
+                    "latency": comparison.as_dict() if comparison else None}
+        if comparison is not None and comparison.regressed:
+            self.log.error("Plans of the statements slower on the target:\n%s", comparison.explained())
+        # The failed task's result: what regressed, with both plans side by side.
+        context["ti"].xcom_push(key="latency", value=comparison.as_dict() if comparison else None)
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
         state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
         with upgrade.acting(halted_check(context, upgrade)) as connection:  # a rollback owns the traffic once halted

@@ -28,7 +28,8 @@ def merge(key: str, fields: dict[str, Any]) -> dict:
 
 # What happened to the databases outlives the run that did it: a cutover or a detach cannot be repeated.
 OUTLIVES_THE_RUN = ("cut_over", "detached")
-KEPT_WITHIN_THE_RUN = ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at")
+KEPT_WITHIN_THE_RUN = ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at",
+                       "statistics_progress", "extensions_updated")
 
 
 def record_step(context, source_identifier: str, step: str, state: str, **extra: Any) -> None:

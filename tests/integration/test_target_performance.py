@@ -1,0 +1,147 @@
+"""The new instance performs like the old one from its first query: statistics and extensions before any traffic
+reaches it, and each phase's health check compares latency with the source (local topology, real servers)."""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import closing, contextmanager
+
+import pytest
+
+from tests.integration.integration_parts import replicating
+
+pytestmark = pytest.mark.integration
+
+REPLICATED = ["public.accounts", "public.orders", "billing.invoices", "billing.invoice_lines"]
+PROBE = "SELECT count(*), max(payload) FROM public.latency_events WHERE k = 42"
+
+
+def sql(server, statement: str, params=None, dbname: str = "app") -> list[tuple]:
+    with closing(server.connect(dbname=dbname)) as connection:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.fetchall() if cursor.description else []
+
+
+def with_statistics(server, tables: list[str]) -> set[str]:
+    rows = sql(server, "SELECT DISTINCT schemaname || '.' || tablename FROM pg_stats "
+                       "WHERE schemaname || '.' || tablename = ANY(%s)", (tables,))
+    return {row[0] for row in rows}
+
+
+def test_prepare_target_gives_every_replicated_table_statistics_and_updates_extensions(build):
+    topo, make = build
+    upgrade = replicating(make(shift_percentages=[]), in_sync=True)
+    # Behind replication's back: no statistics on the target (autovacuum kept off so it cannot add them), and an
+    # extension installed there at an older version than the target's default.
+    for table in REPLICATED:
+        sql(topo.new_pg, f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    sql(topo.new_pg, "DELETE FROM pg_statistic WHERE starelid = ANY(%s::regclass[])", (REPLICATED,))
+    sql(topo.new_pg, "CREATE EXTENSION cube VERSION '1.4'")
+    default = sql(topo.new_pg, "SELECT default_version FROM pg_available_extensions WHERE name = 'cube'")[0][0]
+    assert default != "1.4"
+    assert with_statistics(topo.new_pg, REPLICATED) == set()
+    seen = []
+
+    result = upgrade.prepare_target(progress=seen.append)
+
+    assert with_statistics(topo.new_pg, REPLICATED) == set(REPLICATED)
+    assert sql(topo.new_pg, "SELECT extversion FROM pg_extension WHERE extname = 'cube'") == [(default,)]
+    assert result["extensions_updated"] == [{"name": "cube", "from": "1.4", "to": default}]
+    assert result["statistics"]["analyzed"] == len(upgrade.tables()) >= len(REPLICATED)
+    assert seen and seen[-1]["done"] == seen[-1]["total"] == result["statistics"]["analyzed"]
+    again = upgrade.prepare_target()  # idempotent: nothing left to update
+    assert again["extensions_updated"] == []
+
+
+@pytest.fixture
+def events_table(build):
+    """A table large enough that losing its index costs tens of milliseconds, created on the source before the
+    schema copy (so it is replicated, with its index)."""
+    topo, make = build
+    sql(topo.old_pg, "CREATE TABLE public.latency_events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                     "k int NOT NULL, payload text)")
+    sql(topo.old_pg, "INSERT INTO public.latency_events (k, payload) SELECT g % 5000, md5(g::text) "
+                     "FROM generate_series(1, 300000) g")
+    sql(topo.old_pg, "CREATE INDEX latency_events_k ON public.latency_events (k)")
+    sql(topo.old_pg, "ANALYZE public.latency_events")
+    upgrade = replicating(make(shift_percentages=[25], health_probes=[PROBE]), in_sync=True)
+    upgrade.prepare_target()
+    return topo, upgrade
+
+
+def test_a_probe_made_slow_on_the_target_fails_the_phase_naming_both_timings(events_table):
+    topo, upgrade = events_table
+    sql(topo.new_pg, "DROP INDEX public.latency_events_k")  # behind replication's back: DDL is not replicated
+
+    problems, _ = upgrade.health_check()
+
+    comparison = upgrade.last_latency
+    assert comparison.statements_from.startswith("health_probes only: pg_stat_statements is not available")
+    regressed = [p for p in problems if p.startswith("health_probes[0] is slower on the target")]
+    assert len(regressed) == 1, problems
+    found = re.search(r"median ([0-9.]+) ms there, ([0-9.]+) ms on the source", regressed[0])
+    target_ms, source_ms = float(found.group(1)), float(found.group(2))
+    assert target_ms > 1.5 * source_ms and target_ms - source_ms > 5, regressed[0]
+    assert PROBE in regressed[0]
+    [row] = comparison.regressed
+    assert (row["source_ms"], row["target_ms"]) == (source_ms, target_ms)
+    source_plan, target_plan = "\n".join(row["explain"]["source"]), "\n".join(row["explain"]["target"])
+    assert "latency_events_k" in source_plan and "Seq Scan on latency_events" in target_plan
+    assert "Seq Scan on latency_events" in comparison.explained()
+
+
+def in_sync(upgrade, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not upgrade.lag().within(upgrade.request.lag_threshold_bytes):
+        assert time.monotonic() < deadline, upgrade.lag()
+        time.sleep(0.2)
+
+
+@contextmanager
+def preloading_pg_stat_statements(server):
+    """The source restarted with pg_stat_statements loaded, and the extension created in the app database."""
+    current = sql(server, "SHOW shared_preload_libraries", dbname="postgres")[0][0]
+    libraries = ", ".join(filter(None, [current, "pg_stat_statements"]))
+    sql(server, "ALTER SYSTEM SET shared_preload_libraries = %s", (libraries,), dbname="postgres")
+    server.stop()
+    server.ensure_running()
+    try:
+        sql(server, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        sql(server, "SELECT pg_stat_statements_reset()")
+        yield
+    finally:
+        sql(server, "DROP EXTENSION IF EXISTS pg_stat_statements")
+        sql(server, "ALTER SYSTEM RESET shared_preload_libraries", dbname="postgres")
+        server.stop()
+        server.ensure_running()
+
+
+def test_equal_nodes_pass_and_the_source_s_safe_top_statements_are_compared(events_table):
+    topo, upgrade = events_table
+    with preloading_pg_stat_statements(topo.old_pg):
+        with closing(topo.old_pg.connect(dbname="app")) as app, app.cursor() as cursor:
+            for _ in range(30):  # the application's statements, as pg_stat_statements records them
+                cursor.execute("SELECT count(*) FROM public.latency_events")  # no constant: runnable
+                cursor.execute("SELECT * FROM public.accounts WHERE id = 7")  # becomes id = $1: skipped
+                cursor.execute("SELECT id FROM public.accounts ORDER BY id FOR UPDATE")  # a lock: skipped
+            app.rollback()
+        in_sync(upgrade)  # the subscription reconnects after the source's restart
+
+        problems, _ = upgrade.health_check()
+
+    comparison = upgrade.last_latency
+    assert problems == [], problems
+    assert comparison.regressed == []
+    assert "pg_stat_statements" in comparison.statements_from
+    compared = {c["name"]: c for c in comparison.compared}
+    assert "health_probes[0]" in compared
+    from_source = [c for c in comparison.compared if c["name"].startswith("pg_stat_statements queryid")]
+    assert any(c["statement"] == "SELECT count(*) FROM public.latency_events" for c in from_source), compared
+    for row in comparison.compared:
+        assert len(row["source_runs"]) == len(row["target_runs"]) == 5, row
+    reasons = {s.get("statement", ""): s["reason"] for s in comparison.skipped}
+    assert any("$1" in text and "has parameters" in reason for text, reason in reasons.items()), reasons
+    assert any("FOR UPDATE" in text and "contains FOR" in reason for text, reason in reasons.items()), reasons
