@@ -219,7 +219,6 @@ class Cutover(FencedSwitch):
                 self._step("caught_up", self._wait_for_marker, target, started, "the target")
                 self._advance(source, state, "caught_up", durable=False)
                 moved = self._sequences_and_reverse(source, target, target_for_reverse)
-                self._advance(source, state, "sequences", durable=False)
                 self._advance(source, state, "reverse_prepared", durable=False)
                 self._check_deadline(started, "before the traffic switch")
                 self._advance(source, state, SWITCHING, mirror=target)

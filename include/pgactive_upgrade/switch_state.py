@@ -95,9 +95,8 @@ def write(connection, key: str, state: SwitchState, durable: bool = True) -> Non
     for a phase whose loss in a server crash changes nothing, because recovery from the phase before it takes the
     same way out. A later durable write flushes it anyway."""
     state.holder = state.holder or holder_name()
-    if not durable:
-        execute(connection, sql.SQL("BEGIN; SET LOCAL synchronous_commit TO off; {}; COMMIT").format(_upsert()),
-                _row(key, state))
+    if not durable:  # one query string is one implicit transaction: on an error the session is idle again
+        execute(connection, sql.SQL("SET LOCAL synchronous_commit TO off; {}").format(_upsert()), _row(key, state))
         return
     execute(connection, _upsert(), _row(key, state))
 

@@ -194,6 +194,54 @@ def test_cutover_hooks_keep_writes_on_the_target_flowing_back(driver, topology):
     assert row == ("after-switch@example.com",)
 
 
+def test_a_reverse_slot_left_mid_creation_by_a_dead_actor_is_ended_and_dropped(driver, topology, driver_name):
+    """An actor killed while pg_create_logical_replication_slot runs leaves the server still creating (and holding)
+    the slot; the cutover's undo must not leave it pinning the target's WAL, nor block the next cutover."""
+    if driver_name != "native":
+        pytest.skip("only the native driver creates a reverse slot at cutover")
+    build(driver)
+    blocker = topology.new_pg.connect(dbname="app")  # an open transaction with an xid: slot creation waits for it
+    blocker.autocommit = False
+    blocker.cursor().execute("SELECT txid_current()")
+    creator = topology.new_pg.connect(dbname="app")
+    creator.autocommit = True
+    outcome: list = []
+
+    def create_like_a_dead_actor():
+        try:
+            creator.cursor().execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (driver.reverse,))
+            outcome.append("created")
+        except psycopg2.Error as error:
+            outcome.append(type(error).__name__)
+
+    thread = threading.Thread(target=create_like_a_dead_actor, daemon=True)
+    thread.start()
+    held = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s"
+    def slot_state():
+        return (outcome, sql_all(topology.new_pg, "SELECT slot_name, active_pid FROM pg_replication_slots"),
+                sql_all(topology.new_pg, "SELECT pid, wait_event, left(query, 50) FROM pg_stat_activity "
+                                         "WHERE query LIKE '%%create_logical%%'"))
+
+    try:
+        wait_for(lambda: (sql_one(topology.new_pg, held, (driver.reverse,)) or (None,))[0], timeout=10,
+                 what="the slot being created")
+    except AssertionError:
+        raise AssertionError(slot_state()) from None
+
+    driver.abort_cutover()
+
+    assert sql_all(topology.new_pg, held, (driver.reverse,)) == []
+    thread.join(timeout=10)
+    assert outcome and outcome[0] != "created", outcome
+    blocker.rollback()
+    driver.prepare_reverse()  # the next cutover creates it again
+    assert sql_one(topology.new_pg, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                   (driver.reverse,)) == (1,)
+    driver.abort_cutover()
+    for connection in (blocker, creator):
+        connection.close()
+
+
 def test_detach_removes_everything_and_returns_the_conflict_history(driver, topology, driver_name):
     build(driver)
     if driver_name == "pgactive":

@@ -15,6 +15,7 @@ BOUNDED = {
     "fencing.end_sessions": "5 s: the fenced roles' sessions ending",
     "verify.Verification.barrier": "a replication barrier: the lag (at most 120 s) of a node verify reads",
     "verify.Verification._confirm": "0.05-0.15 s between re-checks of a row",
+    "replication.native.NativeDriver._drop_unread_reverse_slot": "5 s: a dead actor's slot creator ending",
     "replication.pgactive.PgactiveDriver._join_dead": "a few polls of the per-db worker",
     "replication.pgactive.PgactiveDriver._wait_without_perdb_worker": "30 s: pgactive's worker stopping",
     # build(wait=True) only (tests and benches): build_replication waits for the join deferred (JoinTrigger).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 
 import psycopg2
 from psycopg2 import sql
@@ -260,7 +261,7 @@ class NativeDriver(ReplicationDriver):
             self._ensure_publication(target_connection, self.reverse)
         # Always a new slot, created now that the marker has arrived: a slot left by an earlier attempt would send
         # that attempt's rows (this marker among them) back to the source, where they already are.
-        self._drop_slot(target_connection, self.reverse)
+        self._drop_unread_reverse_slot(target_connection)
         query(target_connection, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.reverse,))
 
     def after_switch(self) -> dict:
@@ -275,11 +276,7 @@ class NativeDriver(ReplicationDriver):
 
     def abort_cutover(self) -> None:
         with self.target() as target:
-            query(
-                target,
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s AND NOT active",
-                (self.reverse,),
-            )
+            self._drop_unread_reverse_slot(target)
             execute(target, sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.reverse)))
 
     @staticmethod
@@ -297,6 +294,23 @@ class NativeDriver(ReplicationDriver):
             execute(target, sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.reverse)))
             self._drop_slot(target, self.reverse)
         return {"detached": self.link.source.identifier}
+
+    def _drop_unread_reverse_slot(self, connection, wait_seconds: float = 5.0) -> None:
+        """Before the switch nothing reads the reverse slot: a backend holding it is the slot's creator, left running
+        by an actor that died meanwhile (the server does not notice a vanished client mid-statement). End it, then
+        drop the slot, so the slot cannot pin the target's WAL and the next cutover can create it again."""
+        deadline = time.monotonic() + wait_seconds
+        while rows := query(connection, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                            (self.reverse,)):
+            holder = rows[0][0]
+            if holder is None:
+                query(connection, "SELECT pg_drop_replication_slot(%s)", (self.reverse,))
+                return
+            if time.monotonic() > deadline:
+                raise ReplicationError(f"reverse slot {self.reverse} still held by backend {holder} after "
+                                       f"{wait_seconds:.0f} s")
+            query(connection, "SELECT pg_terminate_backend(%s)", (holder,))
+            time.sleep(0.05)
 
     @staticmethod
     def _drop_slot(connection, slot: str) -> None:
