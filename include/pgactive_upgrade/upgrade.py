@@ -12,6 +12,7 @@ from typing import Iterator
 from pgactive_upgrade import catalog, fencing, health, join_repair, matviews, preflight, rds, sequences, switch_state, verify
 from pgactive_upgrade.config import UpgradeRequest
 from pgactive_upgrade.cutover import Cutover
+from pgactive_upgrade.deployment import Deployment, DeploymentError
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import DRIVERS, Joining, Lag, Link, Node, ReplicationDriver, driver_for
@@ -39,14 +40,21 @@ class Upgrade:
     rds_client: object
     admin: Credentials = field(repr=False)
     replication: Credentials = field(repr=False)
+    probe: Credentials | None = field(default=None, repr=False)  # the health probes' read-only role
     dbname: str = "postgres"
     route53_client: object | None = None
+    deployment: Deployment | None = None  # what the deployment allows (None: not checked, outside Airflow)
     _driver: ReplicationDriver | None = field(default=None, init=False, repr=False)
 
     # --- what the upgrade acts on -------------------------------------------------------------
     @cached_property
     def source(self) -> rds.InstanceInfo:
-        return rds.resolve_source(self.rds_client, self.request.source_instance)
+        info = rds.resolve_source(self.rds_client, self.request.source_instance)
+        if self.deployment is not None:  # by identifier or by tags, before the run acts on it
+            problems = self.deployment.source_problems(info.identifier, dict(info.tags))
+            if problems:
+                raise DeploymentError("refused by the deployment configuration: " + "; ".join(problems))
+        return info
 
     @property
     def target_id(self) -> str:
@@ -64,7 +72,9 @@ class Upgrade:
 
     def endpoint(self, info: rds.InstanceInfo) -> Endpoint:
         host, port = override_endpoint(info.identifier, info.endpoint_host, info.endpoint_port, self.request.endpoint_overrides)
-        return Endpoint(host, port, self.dbname)
+        if (host, port) == (info.endpoint_host, info.endpoint_port):
+            return Endpoint(host, port, self.dbname)
+        return Endpoint(host, port, self.dbname, server_host=info.endpoint_host or "", server_port=info.endpoint_port or 0)
 
     def tables(self) -> list[catalog.Table]:
         with connected(self.endpoint(self.source), self.admin) as connection:
@@ -229,6 +239,11 @@ class Upgrade:
         return {"refreshed": refreshed}
 
     def provision_target(self) -> dict:
+        if self.admin.token is not None and rds.describe_instance(self.rds_client, self.target_id) is None:
+            raise PreflightError(f"db_conn_id: the admin connection uses IAM authentication, so no password exists for "
+                                 f"the new instance's master user: create {self.target_id} beforehand with IAM "
+                                 "authentication enabled and rds_iam granted to the admin role (README, Deployment "
+                                 "security)")
         family = rds.parameter_group_family(self.request.target_engine_version)
         rds.ensure_parameter_group(
             self.rds_client, self.parameter_group, family,
@@ -360,10 +375,18 @@ class Upgrade:
         lag = driver.lag()
         if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
             problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
-        problems += health.probe_problems(self.endpoint(self.target()), self.admin, self.request.health_probes,
-                                          self.request.probe_budget_ms)
+        problems += self._probe_problems()
         emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
         return problems, lag
+
+    def _probe_problems(self) -> list[str]:
+        """The probes run as their own read-only role only, never as the admin."""
+        probes = self.request.health_probes
+        if self.probe is None:
+            refused = ["health_probes: no probe login (probe_conn_id) to run them as"] if probes else []
+            return refused + health.probe_problems(self.endpoint(self.target()), self.admin, (),
+                                                   self.request.probe_budget_ms)
+        return health.probe_problems(self.endpoint(self.target()), self.probe, probes, self.request.probe_budget_ms)
 
     def rollback(self, token: str) -> dict:
         if rds.describe_instance(self.rds_client, self.target_id) is None:

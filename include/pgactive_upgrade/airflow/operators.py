@@ -219,7 +219,7 @@ class WaitForSyncSensor(BaseSensorOperator):
 
 def _node_spec(node) -> dict:
     endpoint = node.endpoint
-    return {"identifier": node.identifier, "host": endpoint.host, "port": endpoint.port, "dbname": endpoint.dbname}
+    return {"identifier": node.identifier, **endpoint.as_dict()}
 
 
 class PhaseGateSensor(BaseSensorOperator):
