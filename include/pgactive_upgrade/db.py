@@ -29,6 +29,7 @@ class Tls:
     require_auth: str = "scram-sha-256"
     peer_sslmode: str = "require"
     loopback_only: bool = False  # the local-only opt-out: no server off this machine is reached with it
+    local_hosts: tuple[str, ...] = ()  # with loopback_only: names that count as local too (a compose network)
 
     def libpq(self) -> dict[str, str]:
         args = {"sslmode": self.sslmode, "sslrootcert": self.sslrootcert, "require_auth": self.require_auth}
@@ -53,7 +54,8 @@ class Credentials:
 
     def libpq(self, endpoint: "Endpoint") -> dict[str, str]:
         """libpq parameters for this login at `endpoint`: address, TLS and password (never log them)."""
-        if self.tls and self.tls.loopback_only and not is_loopback(endpoint.host):
+        if self.tls and self.tls.loopback_only and not (is_loopback(endpoint.host) or
+                                                       endpoint.host in self.tls.local_hosts):
             raise ValueError(f"{endpoint.host}: the deployment's local-only TLS opt-out (tls.local_only_no_tls) "
                              "applies to loopback addresses only; this server must be reached with TLS")
         args = {**endpoint.libpq(), "user": self.user, "password": self.password_for(endpoint)}

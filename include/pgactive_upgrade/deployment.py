@@ -50,6 +50,7 @@ SCHEMA: dict[str, Any] = {
                 "require_auth": {"type": "string", "enum": ["scram-sha-256", "md5", "password"]},
                 "peer_sslmode": {"type": "string", "enum": ["require", "verify-ca", "verify-full"]},
                 "local_only_no_tls": {"type": "boolean"},
+                "local_hosts": {"type": "array", "items": {"type": "string", "minLength": 1}},
             },
         },
     },
@@ -70,6 +71,7 @@ class Deployment:
     require_auth: str = "scram-sha-256"
     peer_sslmode: str = "require"
     local_only_no_tls: bool = False
+    local_hosts: tuple[str, ...] = ()  # host names that count as local for the opt-out (docker compose services)
 
     # --- what the conf may choose ----------------------------------------------------------------
     def request_problems(self, request: UpgradeRequest) -> list[str]:
@@ -102,10 +104,14 @@ class Deployment:
         """The TLS opt-out holds for servers on this machine only: every instance must be reached on loopback."""
         problems = []
         for identifier, address in request.endpoint_overrides.items():
-            if not is_loopback(address.rsplit(":", 1)[0]):
-                problems.append(f"endpoint_overrides.{identifier}: {address!r} is not a loopback address, and the "
-                                "deployment's tls.local_only_no_tls applies to local servers only")
+            if not self._local(address.rsplit(":", 1)[0]):
+                problems.append(f"endpoint_overrides.{identifier}: {address!r} is not a loopback address (nor in "
+                                "tls.local_hosts), and the deployment's tls.local_only_no_tls applies to local servers "
+                                "only")
         return problems
+
+    def _local(self, host: str) -> bool:
+        return is_loopback(host) or host in self.local_hosts
 
     # --- how to connect --------------------------------------------------------------------------
     def tls(self, iam: bool) -> Tls:
@@ -115,7 +121,7 @@ class Deployment:
                 raise DeploymentError("IAM database authentication needs TLS: tls.local_only_no_tls cannot be used "
                                       f"with a connection whose extra sets iam ({WHERE_DOCUMENTED})")
             return Tls(sslmode="prefer", sslrootcert="", require_auth="scram-sha-256", peer_sslmode="prefer",
-                       loopback_only=True)
+                       loopback_only=True, local_hosts=self.local_hosts)
         return Tls(sslmode="verify-full", sslrootcert=self.root_cert,
                    require_auth="password" if iam else self.require_auth, peer_sslmode=self.peer_sslmode)
 
@@ -143,6 +149,7 @@ def parse(raw: str | None) -> Deployment:
         require_auth=tls.get("require_auth", "scram-sha-256"),
         peer_sslmode=tls.get("peer_sslmode", "require"),
         local_only_no_tls=bool(tls.get("local_only_no_tls", False)),
+        local_hosts=tuple(tls.get("local_hosts", ())),
     )
 
 

@@ -14,6 +14,7 @@ from pgactive_upgrade.db import execute, query
 QUIET = {
     "log_statement": "none",
     "log_min_error_statement": "panic",
+    "log_min_messages": "panic",  # an error's own message can quote a value of the statement
     "log_min_duration_statement": "-1",
     "log_min_duration_sample": "-1",
     "log_transaction_sample_rate": "0",
@@ -70,8 +71,8 @@ def quiet_session(connection, what: str) -> dict[str, str]:
         raise SecretStatementRefused(
             f"{what} refused: it carries a password and the server would log it ({', '.join(loud)}), and the role "
             f"{user!r} may not change that for its session. Fix, on the server: set these in its parameter group or "
-            "configuration (log_statement = none, log_min_error_statement = panic, log_min_duration_statement = -1, "
-            "pgaudit.log without ddl), or let the role set them (PostgreSQL 15+: GRANT SET ON PARAMETER ... TO "
+            "configuration (log_statement = none, log_min_error_statement = panic, log_min_messages = fatal, "
+            "log_min_duration_statement = -1, pgaudit.log without ddl), or let the role set them (PostgreSQL 15+: GRANT SET ON PARAMETER ... TO "
             f"{user}); see README, Deployment security")
     return changed
 
@@ -90,6 +91,8 @@ def _is_quiet(setting: str, value: str | None) -> bool:
         included = {c for c in classes if not c.startswith("-")}
         excluded = {c[1:] for c in classes if c.startswith("-")}
         return not (included & {"all", "ddl"}) or "ddl" in excluded
+    if setting == "log_min_messages":
+        return value in ("fatal", "panic")
     if setting in ("log_min_duration_statement", "log_min_duration_sample"):
         return value == "-1"
     if setting == "log_transaction_sample_rate":

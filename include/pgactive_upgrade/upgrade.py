@@ -117,7 +117,7 @@ class Upgrade:
 
     def application_roles(self, connection) -> list[str]:
         """The roles to fence; those a fence already holds (they cannot log in now) count too."""
-        exclude = (self.admin.user, self.replication.user)
+        exclude = (self.admin.user, self.replication.user) + ((self.probe.user,) if self.probe else ())
         roles = fencing.application_roles(connection, self.request.application_roles, exclude)
         return sorted(set(roles) | set(fencing.fenced_roles(connection)))
 

@@ -103,6 +103,13 @@ def test_the_local_only_opt_out_never_reaches_a_server_off_this_machine():
         login.libpq(Endpoint(RDS_HOST, 5432, "app"))  # an instance without an override: its RDS endpoint
     with pytest.raises(DeploymentError, match="IAM database authentication needs TLS"):
         local.tls(iam=True)
+    compose = deployment(tls={"local_only_no_tls": True, "local_hosts": ["pg-old"]}, endpoint_override_targets=["*:*"])
+    assert compose.request_problems(request(endpoint_overrides={"orders-db": "pg-old:5432"})) == []
+    assert compose.request_problems(request(endpoint_overrides={"orders-db": "pg-evil:5432"}))
+    compose_login = Credentials("postgres", "pw", compose.tls(iam=False))
+    assert compose_login.libpq(Endpoint("pg-old", 5432, "app"))["host"] == "pg-old"
+    with pytest.raises(ValueError, match="loopback addresses only"):
+        compose_login.libpq(Endpoint("pg-evil", 5432, "app"))
 
 
 def test_an_override_given_as_an_address_still_checks_the_servers_own_name():
