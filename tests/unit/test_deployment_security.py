@@ -10,6 +10,7 @@ import json
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import config
 from pgactive_upgrade.airflow import connections, session
@@ -172,5 +173,12 @@ def test_a_login_kept_by_the_servers_for_replication_may_not_use_iam(airflow_con
 
 
 def test_an_unlisted_connection_is_refused_before_any_connection_is_read(airflow_connections):
-    with pytest.raises(DeploymentError, match="db_conn_id: 'no_such_connection' is not allowed"):
+    with pytest.raises(AirflowFailException, match="db_conn_id: 'no_such_connection' is not allowed"):
         session.upgrade_from_request(request(db_conn_id="no_such_connection"))
+
+
+def test_without_the_variable_the_task_fails_without_retrying(airflow_connections, monkeypatch):
+    monkeypatch.delenv(f"AIRFLOW_VAR_{VARIABLE.upper()}")
+    with pytest.raises(AirflowFailException, match="no deployment configuration: an admin sets the Airflow Variable "
+                                                   "pgactive_upgrade_deployment"):
+        session.upgrade_from_request(request())

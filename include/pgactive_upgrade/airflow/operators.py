@@ -21,6 +21,7 @@ from pgactive_upgrade.airflow.triggers import (
     switch_verdict,
 )
 from pgactive_upgrade.cutover import restore_split
+from pgactive_upgrade.deployment import DeploymentError
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.replication import Joining
@@ -83,6 +84,8 @@ class ValidateRequestOperator(BaseOperator):
                 state.record_step(context, request.source_identifier, self.task_id, "done")
         except (LockBusy, AlreadySwitchedError) as error:
             raise AirflowFailException(f"source_instance: {request.source_identifier}: {error}")
+        except DeploymentError as error:  # a source the deployment does not allow (by identifier or tags)
+            raise AirflowFailException(str(error)) from None
 
     @staticmethod
     def _refuse_a_second_upgrade_of_the_same_source(context, source: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from airflow.sdk.exceptions import AirflowFailException
+
 from pgactive_upgrade import config
 from pgactive_upgrade.airflow import connections
 from pgactive_upgrade.deployment import Deployment, DeploymentError
@@ -14,11 +16,15 @@ def request_from(context) -> config.UpgradeRequest:
 
 
 def allowed(request: config.UpgradeRequest) -> Deployment:
-    """The deployment's configuration, when the request stays inside it; else DeploymentError naming each field."""
-    deployment = connections.deployment()
+    """The deployment's configuration, when the request stays inside it; else the task fails (no retry), naming
+    each field that reaches outside it."""
+    try:
+        deployment = connections.deployment()
+    except DeploymentError as error:
+        raise AirflowFailException(str(error)) from None
     problems = deployment.request_problems(request)
     if problems:
-        raise DeploymentError("refused by the deployment configuration: " + "; ".join(problems))
+        raise AirflowFailException("refused by the deployment configuration: " + "; ".join(problems))
     return deployment
 
 
