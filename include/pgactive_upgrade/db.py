@@ -32,6 +32,10 @@ class Tls:
     local_hosts: tuple[str, ...] = ()  # with loopback_only: names that count as local too (a compose network)
 
     def libpq(self) -> dict[str, str]:
+        if self.require_auth and psycopg2.__libpq_version__ < 160000:
+            raise RuntimeError(f"require_auth needs libpq 16 or newer; this psycopg2 uses libpq "
+                               f"{psycopg2.__libpq_version__}: use a psycopg2 built with libpq 16+ (the pinned "
+                               "psycopg2-binary bundles libpq 17)")
         args = {"sslmode": self.sslmode, "sslrootcert": self.sslrootcert, "require_auth": self.require_auth}
         return {key: value for key, value in args.items() if value}
 
