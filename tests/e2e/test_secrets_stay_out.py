@@ -28,12 +28,14 @@ def found_in(text: str, secrets: dict[str, str]) -> list[str]:
 
 def set_on_both(topo, statement: str) -> None:
     for server in (topo.old_pg, topo.new_pg):
-        with connect(server, password=topo.credentials["postgres"]) as connection:
-            connection.autocommit = True
+        connection = connect(server, password=topo.credentials["postgres"])
+        connection.autocommit = True  # ALTER SYSTEM runs outside a transaction block
+        try:
             with connection.cursor() as cursor:
                 cursor.execute(statement)
                 cursor.execute("SELECT pg_reload_conf()")
-        connection.close()
+        finally:
+            connection.close()
 
 
 @pytest.fixture
