@@ -66,6 +66,7 @@ def replicating_upgrade(topo: Topology, lag_timeout: float = 60) -> Upgrade:
         topo.aws_client("rds"),
         Credentials("postgres", topo.credentials["postgres"]),
         Credentials("replicator", topo.credentials["replicator"]),
+        probe=Credentials("prober", topo.credentials["prober"]),
         dbname=DATABASE,
     )
     for step in (upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters, upgrade.install,

@@ -40,7 +40,8 @@ def replicating(topo: Topology) -> tuple[dict, Upgrade]:
     faults.add_bench_table(topo)
     conf = {**demo_conf(topo), "cutover_deadline_seconds": 10}
     upgrade = Upgrade(config.validate(conf), topo.aws_client("rds"), Credentials("postgres", topo.credentials["postgres"]),
-                      Credentials("replicator", topo.credentials["replicator"]), dbname="app")
+                      Credentials("replicator", topo.credentials["replicator"]),
+                   probe=Credentials("prober", topo.credentials["prober"]), dbname="app")
     for step in (upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters, upgrade.install,
                  upgrade.build_group):
         step()

@@ -146,6 +146,8 @@ def connections_env(topo: Topology, slow: SlowRds, sources: list[int]) -> dict[s
         env[f"AIRFLOW_CONN_{admin_conn_id(k).upper()}"] = json.dumps({
             "conn_type": "postgres", "host": HOST, "port": topo.old_pg.port, "login": "postgres",
             "password": topo.credentials["postgres"], "schema": dbname(k)})
+    env["AIRFLOW_VAR_PGACTIVE_UPGRADE_DEPLOYMENT"] = json.dumps(topo.deployment(
+        sources=[source_id(k) for k in sources], admin_conn_ids=[admin_conn_id(k) for k in sources]))
     return env
 
 

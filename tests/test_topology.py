@@ -1,8 +1,10 @@
+import json
 import time
 
 import psycopg2
 import pytest
 
+from pgactive_upgrade.deployment import parse
 from topology.procs import pid_alive, port_open
 
 pytestmark = pytest.mark.integration
@@ -150,7 +152,11 @@ def test_replicator_can_feed_a_subscription_and_reseed_cleans_it_up(fresh_databa
 def test_airflow_connections_and_endpoint_overrides(topology):
     env = topology.airflow_connections_env()
 
-    assert set(env) == {"AIRFLOW_CONN_PGU_AWS", "AIRFLOW_CONN_PGU_DB_ADMIN", "AIRFLOW_CONN_PGU_REPLICATION"}
+    assert set(env) == {"AIRFLOW_CONN_PGU_AWS", "AIRFLOW_CONN_PGU_DB_ADMIN", "AIRFLOW_CONN_PGU_REPLICATION",
+                        "AIRFLOW_CONN_PGU_PROBE", "AIRFLOW_VAR_PGACTIVE_UPGRADE_DEPLOYMENT"}
+    deployment = parse(env["AIRFLOW_VAR_PGACTIVE_UPGRADE_DEPLOYMENT"])
+    assert deployment.local_only_no_tls and deployment.endpoint_override_targets == ("127.0.0.1:*",)
+    assert json.loads(env["AIRFLOW_CONN_PGU_PROBE"])["login"] == "prober"
     assert topology.moto_url in env["AIRFLOW_CONN_PGU_AWS"]
     assert topology.endpoint_overrides() == {
         "orders-db": f"127.0.0.1:{topology.old_pg.port}",

@@ -16,7 +16,7 @@ from topology.ports import Ports
 from topology.postgres import HOST, Server
 from topology.procs import TopologyError, exclusive_lock, pid_alive
 
-ROLES = ("postgres", "replicator", "app")
+ROLES = ("postgres", "replicator", "app", "prober")
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -110,6 +110,20 @@ class Topology:
             }),
             "AIRFLOW_CONN_PGU_DB_ADMIN": postgres_conn("postgres"),
             "AIRFLOW_CONN_PGU_REPLICATION": postgres_conn("replicator"),
+            "AIRFLOW_CONN_PGU_PROBE": postgres_conn("prober"),
+            "AIRFLOW_VAR_PGACTIVE_UPGRADE_DEPLOYMENT": json.dumps(self.deployment()),
+        }
+
+    def deployment(self, sources=("orders-db",), admin_conn_ids=("pgu_db_admin",)) -> dict:
+        """The deployment configuration of the local topology (README, Deployment security): its connections, its
+        servers on 127.0.0.1 (any port), the demo's source, and the local-only TLS opt-out (the local servers run
+        without TLS)."""
+        return {
+            "connections": {"db_conn_id": list(admin_conn_ids), "replication_conn_id": ["pgu_replication"],
+                            "probe_conn_id": ["pgu_probe"], "aws_conn_id": ["pgu_aws"]},
+            "endpoint_override_targets": [f"{HOST}:*"],
+            "sources": {"identifiers": list(sources)},
+            "tls": {"local_only_no_tls": True},
         }
 
     def port_behind(self, frontend_port: int, dbname: str = "postgres") -> int:

@@ -115,7 +115,8 @@ def app_dsn(topo) -> str:
 
 def child_spec(topo, conf: dict, action: str, kill_at: str, token: str) -> dict:
     return {"moto_url": topo.moto_url, "conf": conf, "action": action, "kill_at": kill_at, "token": token,
-            "admin": topo.credentials["postgres"], "replication": topo.credentials["replicator"]}
+            "admin": topo.credentials["postgres"], "replication": topo.credentials["replicator"],
+            "probe": topo.credentials["prober"]}
 
 
 def run_child(spec: dict, timeout: float = 120) -> int:
@@ -229,7 +230,7 @@ def _child() -> int:
         NativeDriver._ensure_subscription = create_then_die
     upgrade = Upgrade(config.validate(spec["conf"]), rds_client,
                       Credentials("postgres", spec["admin"]), Credentials("replicator", spec["replication"]),
-                      dbname=DATABASE)
+                      probe=Credentials("prober", spec["probe"]), dbname=DATABASE)
     action = spec["action"]
     if action in ("cutover", "rollback"):
         getattr(upgrade, action)(spec["token"])

@@ -16,7 +16,8 @@ from topology.procs import TopologyError, port_open, require_port_free, running_
 
 OS_USER = "postgres"
 HOST = "127.0.0.1"
-NON_SUPERUSER_ROLES = {"replicator": "LOGIN REPLICATION", "app": "LOGIN"}
+NON_SUPERUSER_ROLES = {"replicator": "LOGIN REPLICATION", "app": "LOGIN", "prober": "LOGIN"}
+PROBE_ROLE = "prober"  # the health probes' read-only role, granted as README's "Deployment security" shows
 DRIVER_ENV = "PGU_DRIVER"
 
 HBA = """\
@@ -190,6 +191,7 @@ class Server:
                     sql.SQL("{} ROLE {} " + attributes + " PASSWORD %s").format(sql.SQL(verb), sql.Identifier(role)),
                     (self._credentials[role],),
                 )
+            cursor.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(PROBE_ROLE)))
         connection.close()
 
     @staticmethod

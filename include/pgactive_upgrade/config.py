@@ -397,6 +397,13 @@ FIELDS: dict[str, dict] = {
         "Airflow connection of the replication role (login and password only).",
         "Connections",
     ),
+    "probe_conn_id": _field(
+        {"type": "string", "pattern": CONN_ID},
+        "pgu_probe",
+        "Health probe connection",
+        "Airflow connection of the read-only role the health probes run as (never the admin).",
+        "Connections",
+    ),
 }
 
 
@@ -480,6 +487,7 @@ class UpgradeRequest:
     aws_conn_id: str = "pgu_aws"
     db_conn_id: str = "pgu_db_admin"
     replication_conn_id: str = "pgu_replication"
+    probe_conn_id: str = "pgu_probe"
 
     @property
     def source_identifier(self) -> str:

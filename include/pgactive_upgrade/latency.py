@@ -15,7 +15,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from collections.abc import Iterator
 
 import psycopg2
 from psycopg2 import sql

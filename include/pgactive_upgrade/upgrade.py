@@ -21,6 +21,7 @@ from pgactive_upgrade.preflight import Context as PreflightContext
 from pgactive_upgrade.preflight import Finding
 from pgactive_upgrade.cutover import Cutover
 from pgactive_upgrade.db import Credentials, Endpoint, connect, connected, override_endpoint, server_major
+from pgactive_upgrade.deployment import Deployment, DeploymentError
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import DRIVERS, Joining, Lag, Link, Node, ReplicationDriver, driver_for
 from pgactive_upgrade.replication.base import HealthLimits
@@ -48,15 +49,22 @@ class Upgrade:
     rds_client: object
     admin: Credentials = field(repr=False)
     replication: Credentials = field(repr=False)
+    probe: Credentials | None = field(default=None, repr=False)  # the health probes' read-only role
     dbname: str = "postgres"
     route53_client: object | None = None
+    deployment: Deployment | None = None  # what the deployment allows (None: not checked, outside Airflow)
     _driver: ReplicationDriver | None = field(default=None, init=False, repr=False)
     last_latency: latency.Comparison | None = field(default=None, init=False, repr=False)  # of the last health check
 
     # --- what the upgrade acts on -------------------------------------------------------------
     @cached_property
     def source(self) -> rds.InstanceInfo:
-        return rds.resolve_source(self.rds_client, self.request.source_instance)
+        info = rds.resolve_source(self.rds_client, self.request.source_instance)
+        if self.deployment is not None:  # by identifier or by tags, before the run acts on it
+            problems = self.deployment.source_problems(info.identifier, dict(info.tags))
+            if problems:
+                raise DeploymentError("refused by the deployment configuration: " + "; ".join(problems))
+        return info
 
     @property
     def target_id(self) -> str:
@@ -74,7 +82,9 @@ class Upgrade:
 
     def endpoint(self, info: rds.InstanceInfo) -> Endpoint:
         host, port = override_endpoint(info.identifier, info.endpoint_host, info.endpoint_port, self.request.endpoint_overrides)
-        return Endpoint(host, port, self.dbname)
+        if (host, port) == (info.endpoint_host, info.endpoint_port):
+            return Endpoint(host, port, self.dbname)
+        return Endpoint(host, port, self.dbname, server_host=info.endpoint_host or "", server_port=info.endpoint_port or 0)
 
     def tables(self) -> list[catalog.Table]:
         with connected(self.endpoint(self.source), self.admin) as connection:
@@ -111,13 +121,13 @@ class Upgrade:
 
     def _address(self, info: rds.InstanceInfo) -> tuple[str, int]:
         if self.request.traffic["controller"] == "route53":
-            return info.endpoint_host, info.endpoint_port
+            return override_endpoint(info.identifier, info.endpoint_host, info.endpoint_port, {})
         endpoint = self.endpoint(info)
         return endpoint.host, endpoint.port
 
     def application_roles(self, connection) -> list[str]:
         """The roles to fence; those a fence already holds (they cannot log in now) count too."""
-        exclude = (self.admin.user, self.replication.user)
+        exclude = (self.admin.user, self.replication.user) + ((self.probe.user,) if self.probe else ())
         roles = fencing.application_roles(connection, self.request.application_roles, exclude)
         return sorted(set(roles) | set(fencing.fenced_roles(connection)))
 
@@ -261,6 +271,11 @@ class Upgrade:
         return {"refreshed": refreshed}
 
     def provision_target(self) -> dict:
+        if self.admin.token is not None and rds.describe_instance(self.rds_client, self.target_id) is None:
+            raise PreflightError(f"db_conn_id: the admin connection uses IAM authentication, so no password exists for "
+                                 f"the new instance's master user: create {self.target_id} beforehand with IAM "
+                                 "authentication enabled and rds_iam granted to the admin role (README, Deployment "
+                                 "security)")
         family = rds.parameter_group_family(self.request.target_engine_version)
         rds.ensure_parameter_group(
             self.rds_client, self.parameter_group, family,
@@ -392,10 +407,10 @@ class Upgrade:
         lag = driver.lag()
         if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
             problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
-        probe_problems = health.probe_problems(self.endpoint(self.target()), self.admin, self.request.health_probes,
-                                               self.request.probe_budget_ms)
+        probe_problems = self._probe_problems()
         problems += probe_problems
-        if not any(p.startswith("target does not accept connections") for p in probe_problems):
+        reachable = not any(p.startswith("target does not accept connections") for p in probe_problems)
+        if self.probe is not None and reachable:
             try:
                 problems += self.compare_latency().problems
             except psycopg2.Error as error:  # a node unreachable now: the phase cannot be judged healthy
@@ -403,10 +418,22 @@ class Upgrade:
         emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
         return problems, lag
 
+    def _probe_problems(self) -> list[str]:
+        """The probes run as their own read-only role only, never as the admin."""
+        probes = self.request.health_probes
+        if self.probe is None:
+            refused = ["health_probes: no probe login (probe_conn_id) to run them as"] if probes else []
+            return refused + health.probe_problems(self.endpoint(self.target()), self.admin, (),
+                                                   self.request.probe_budget_ms)
+        return health.probe_problems(self.endpoint(self.target()), self.probe, probes, self.request.probe_budget_ms)
+
     def compare_latency(self) -> latency.Comparison:
-        """The probes and the source's top statements timed on both nodes (latency.py); kept in last_latency."""
+        """The probes and the source's top statements timed on both nodes (latency.py) as the read-only probe role,
+        never as the admin; kept in last_latency."""
+        if self.probe is None:
+            raise ValueError("the latency comparison runs as the probe role: configure probe_conn_id")
         comparison = self.last_latency = latency.compare(
-            self.endpoint(self.source), self.endpoint(self.target()), self.admin, self.request.health_probes,
+            self.endpoint(self.source), self.endpoint(self.target()), self.probe, self.request.health_probes,
             max_ratio=self.request.max_latency_ratio, floor_ms=self.request.latency_floor_ms,
             top_statements=self.request.latency_top_statements, timeout_ms=self.request.probe_budget_ms)
         emit("latency_compared", statements_from=comparison.statements_from, compared=len(comparison.compared),

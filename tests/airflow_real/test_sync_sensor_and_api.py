@@ -32,6 +32,7 @@ def replicating_but_paused(topo, monkeypatch) -> dict:
         topo.aws_client("rds"),
         Credentials("postgres", topo.credentials["postgres"]),
         Credentials("replicator", topo.credentials["replicator"]),
+        probe=Credentials("prober", topo.credentials["prober"]),
         dbname="app",
     )
     for step in (upgrade.preflight, upgrade.provision_target, upgrade.configure_parameters, upgrade.install, upgrade.build_group):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from contextlib import closing
@@ -19,25 +17,6 @@ pytestmark = pytest.mark.e2e
 
 TABLES = ["public.accounts", "public.orders", "billing.invoices", "billing.invoice_lines"]
 CHURNED = "public.orders"  # Churn's table
-
-
-@pytest.fixture(scope="session")
-def airflow_db():
-    result = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture
-def upgrade_env(fresh_databases, airflow_db, monkeypatch):
-    topo = fresh_databases
-    for key, value in topo.airflow_connections_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PGU_PG_BIN_DIRS", str(topo.new_pg.bin_dir))
-    from airflow.models import Variable
-
-    for key in ("pgactive_upgrade__orders-db", "pgactive_upgrade__orders-db__halt"):
-        Variable.delete(key)  # fresh databases: an earlier test's cutover record no longer applies
-    return topo
 
 
 def connect(server, user="postgres", password=None, port=None):

@@ -17,6 +17,7 @@ def upgrade_of(topo, **overrides) -> Upgrade:
         topo.aws_client("rds"),
         Credentials("postgres", topo.credentials["postgres"]),
         Credentials("replicator", topo.credentials["replicator"]),
+        probe=Credentials("prober", topo.credentials["prober"]),
         dbname="app",
         route53_client=topo.aws_client("route53"),
     )

@@ -46,7 +46,8 @@ def replicating(fresh_databases, monkeypatch):
 
 def upgrade_of(topo, conf: dict) -> Upgrade:
     return Upgrade(config.validate(conf), topo.aws_client("rds"), Credentials("postgres", topo.credentials["postgres"]),
-                   Credentials("replicator", topo.credentials["replicator"]), dbname="app")
+                   Credentials("replicator", topo.credentials["replicator"]),
+                   probe=Credentials("prober", topo.credentials["prober"]), dbname="app")
 
 
 def assert_safe(outcome: faults.Outcome, writer: str) -> None:

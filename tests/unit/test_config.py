@@ -173,6 +173,7 @@ REJECTIONS = [
     single("aws_conn_id", "", CONN_HINT),
     single("db_conn_id", "db/admin", CONN_HINT),
     single("replication_conn_id", "x" * 251, CONN_HINT),
+    single("probe_conn_id", "bad id", CONN_HINT),
 ]
 
 
@@ -335,6 +336,7 @@ def test_full_conf_round_trips_into_upgrade_request():
         "aws_conn_id": "aws.prod",
         "db_conn_id": "db-admin",
         "replication_conn_id": "repl_user",
+        "probe_conn_id": "probe_ro",
     }
     assert set(conf) == set(FIELDS)
     request = validate(copy.deepcopy(conf))
@@ -351,7 +353,7 @@ def test_full_conf_round_trips_into_upgrade_request():
         cutover_deadline_seconds=5, max_open_transaction_seconds=60, application_roles=("app", "report$ro"), traffic=traffic,
         decommission="delete",
         final_snapshot_id="orders-db-final", endpoint_overrides={"orders-db": "127.0.0.1:26415"}, aws_conn_id="aws.prod",
-        db_conn_id="db-admin", replication_conn_id="repl_user")
+        db_conn_id="db-admin", replication_conn_id="repl_user", probe_conn_id="probe_ro")
     for name in ("security_group_ids", "shift_percentages", "application_roles", "health_probes"):
         assert type(getattr(request, name)) is tuple
     assert type(request.filters) is Filters

@@ -22,6 +22,7 @@ from pgactive_upgrade.airflow.triggers import (
     switch_verdict,
 )
 from pgactive_upgrade.cutover import restore_split
+from pgactive_upgrade.deployment import DeploymentError
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.replication import Joining
@@ -88,6 +89,8 @@ class ValidateRequestOperator(BaseOperator):
                 state.record_step(context, request.source_identifier, self.task_id, "done")
         except (LockBusy, AlreadySwitchedError) as error:
             raise AirflowFailException(f"source_instance: {request.source_identifier}: {error}") from error
+        except DeploymentError as error:  # a source the deployment does not allow (by identifier or tags)
+            raise AirflowFailException(str(error)) from None
 
     @staticmethod
     def _refuse_a_second_upgrade_of_the_same_source(context, source: str) -> None:
@@ -261,7 +264,7 @@ class WaitForSyncSensor(BaseSensorOperator):
 
 def _node_spec(node) -> dict:
     endpoint = node.endpoint
-    return {"identifier": node.identifier, "host": endpoint.host, "port": endpoint.port, "dbname": endpoint.dbname}
+    return {"identifier": node.identifier, **endpoint.as_dict()}
 
 
 class PhaseGateSensor(BaseSensorOperator):

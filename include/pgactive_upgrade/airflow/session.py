@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import config
-from pgactive_upgrade.db import Credentials
+from pgactive_upgrade.airflow import connections
+from pgactive_upgrade.deployment import Deployment, DeploymentError
 from pgactive_upgrade.upgrade import Upgrade
 
 
@@ -14,11 +15,17 @@ def request_from(context) -> config.UpgradeRequest:
     return config.validate(dict(context["dag_run"].conf or {}))
 
 
-def credentials(conn_id: str) -> tuple[Credentials, str]:
-    connection = BaseHook.get_connection(conn_id)
-    if not connection.login or not connection.password:
-        raise ValueError(f"connection {conn_id!r}: expected a login and a password")
-    return Credentials(connection.login, connection.password), connection.schema or "postgres"
+def allowed(request: config.UpgradeRequest) -> Deployment:
+    """The deployment's configuration, when the request stays inside it; else the task fails (no retry), naming
+    each field that reaches outside it."""
+    try:
+        deployment = connections.deployment()
+    except DeploymentError as error:
+        raise AirflowFailException(str(error)) from None
+    problems = deployment.request_problems(request)
+    if problems:
+        raise AirflowFailException("refused by the deployment configuration: " + "; ".join(problems))
+    return deployment
 
 
 def upgrade_from(context) -> Upgrade:
@@ -34,8 +41,12 @@ def upgrade_from_request(request: config.UpgradeRequest) -> Upgrade:
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     from airflow.providers.amazon.aws.hooks.rds import RdsHook
 
-    admin, dbname = credentials(request.db_conn_id)
-    replication, _ = credentials(request.replication_conn_id)
+    deployment = allowed(request)  # before any connection or client is made from the request
+    admin, dbname = connections.credentials(request.db_conn_id, deployment,
+                                            for_servers=request.replication_driver == "pgactive")
+    replication, _ = connections.credentials(request.replication_conn_id, deployment, for_servers=True,
+                                             field="replication_conn_id")
+    probe, _ = connections.credentials(request.probe_conn_id, deployment, field="probe_conn_id")
     route53 = None
     if request.traffic["controller"] == "route53":
         route53 = AwsBaseHook(aws_conn_id=request.aws_conn_id, client_type="route53").get_conn()
@@ -44,6 +55,8 @@ def upgrade_from_request(request: config.UpgradeRequest) -> Upgrade:
         rds_client=RdsHook(aws_conn_id=request.aws_conn_id).conn,
         admin=admin,
         replication=replication,
+        probe=probe,
         dbname=dbname,
+        deployment=deployment,
         route53_client=route53,
     )

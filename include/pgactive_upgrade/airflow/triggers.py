@@ -9,10 +9,11 @@ from typing import Any
 from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
-from airflow.sdk import BaseHook, Variable
+from airflow.sdk import Variable
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from pgactive_upgrade import switch_state
+from pgactive_upgrade.airflow import connections
 from pgactive_upgrade.db import Credentials, Endpoint, connected
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import Link, Node, driver_for
@@ -68,8 +69,7 @@ class ReplicationLagTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        connection = await sync_to_async(BaseHook.get_connection)(self.db_conn_id)
-        driver = driver_for(self.driver, self._link(Credentials(connection.login, connection.password)))
+        driver = driver_for(self.driver, self._link(await admin_login(self.db_conn_id)))
         started, escalated, polls = time.monotonic(), False, 0
         while True:
             polls += 1
@@ -107,8 +107,16 @@ class ReplicationLagTrigger(BaseTrigger):
 
 
 def _node(spec: dict[str, Any]) -> Node:
-    endpoint = Endpoint(spec["host"], int(spec["port"]), spec["dbname"])
+    endpoint = Endpoint.from_dict(spec)
     return Node(spec["identifier"], endpoint, endpoint)
+
+
+async def admin_login(conn_id: str) -> Credentials:
+    """The admin's login through the Postgres hook, with the deployment's TLS, read inside the triggerer."""
+    def login() -> Credentials:
+        return connections.credentials(conn_id, connections.deployment())[0]
+
+    return await sync_to_async(login)()
 
 
 async def read_halt(halt_key: str, run_id: str) -> dict | None:
@@ -205,8 +213,7 @@ class SwitchWatchdogTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-        connection = await sync_to_async(BaseHook.get_connection)(self.db_conn_id)
-        admin = Credentials(connection.login, connection.password)
+        admin = await admin_login(self.db_conn_id)
         while True:
             try:
                 verdict = await asyncio.to_thread(switch_verdict, _node(self.source).endpoint, admin, self.key)
@@ -280,8 +287,7 @@ class JoinTrigger(BaseTrigger):
                  "poll_interval": self.poll_interval, "stalled_polls": self.stalled_polls})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        connection = await sync_to_async(BaseHook.get_connection)(self.db_conn_id)
-        admin = Credentials(connection.login, connection.password)
+        admin = await admin_login(self.db_conn_id)
         link = Link(source=_node(self.source), target=_node(self.target), admin=admin,
                     replication=Credentials("", ""), tables=())
         driver = driver_for(self.driver, link)

@@ -11,12 +11,12 @@ import subprocess
 import tempfile
 import time
 
-import psycopg2
 from psycopg2 import sql
 
 from pgactive_upgrade.catalog import META_SCHEMA, missing_tables, user_tables
 from pgactive_upgrade.config import Filters
-from pgactive_upgrade.db import conninfo, execute, qualified, query, server_major
+from pgactive_upgrade.secret_sql import execute_unlogged
+from pgactive_upgrade.db import conninfo, execute, libpq_environment, qualified, query, server_major
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication.base import MARKER_TABLE, Lag, ReplicationDriver, ReplicationError
 from pgactive_upgrade.tools import find_program
@@ -102,26 +102,27 @@ class NativeDriver(ReplicationDriver):
 
     def _dump_and_restore(self, major: int) -> None:
         pg_dump, psql = find_program("pg_dump", major), find_program("psql", major)
-        env = {**os.environ, "PGPASSWORD": self.link.admin.password, "PGAPPNAME": "pgactive_upgrade"}
         selection = dump_selection(self.link.filters)
         if self.link.filters.include_tables:
             self._create_schemas()  # a dump of single tables carries no CREATE SCHEMA
         with tempfile.NamedTemporaryFile(suffix=".sql") as dump:
-            source = self.link.source.endpoint
+            source, target = self.link.source.endpoint, self.link.target.endpoint
             self._run(
-                [str(pg_dump), "--schema-only", "--no-publications", "--no-subscriptions", "-f", dump.name,
-                 "-h", source.host, "-p", str(source.port), "-U", self.link.admin.user, *selection, source.dbname],
-                env,
+                [str(pg_dump), "--schema-only", "--no-publications", "--no-subscriptions", "-f", dump.name, *selection],
+                self._environment(source),
                 "pg_dump of the source schema",
             )
-            target = self.link.target.endpoint
             self._run(
-                [str(psql), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f", dump.name,
-                 "-h", target.host, "-p", str(target.port), "-U", self.link.admin.user, target.dbname],
-                env,
+                [str(psql), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f", dump.name],
+                self._environment(target),
                 "restore of the schema on the target",
             )
         emit("schema_copied", tables=len(self.link.tables), pg_dump=str(pg_dump))
+
+    def _environment(self, endpoint) -> dict[str, str]:
+        """The admin's connection (TLS, password or IAM token) for pg_dump and psql, through their environment."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k.startswith("PGU_")}
+        return {**inherited, **libpq_environment(endpoint, self.link.admin), "PGAPPNAME": "pgactive_upgrade"}
 
     def _create_schemas(self) -> None:
         """With the source's owners: since PostgreSQL 16 the apply workers act as each table's owner."""
@@ -156,16 +157,13 @@ class NativeDriver(ReplicationDriver):
         )
         if streams_in_progress(server_major(connection), publisher_major):
             options += sql.SQL(", streaming = on")
-        keep_statement_out_of_server_log(connection)
-        execute(
-            connection,
-            sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})").format(
-                sql.Identifier(name),
-                sql.Literal(conninfo(publisher.peer_endpoint, self.link.replication)),
-                sql.Identifier(publication),
-                options,
-            ),
+        statement = sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})").format(
+            sql.Identifier(name),
+            sql.Literal(conninfo(publisher.peer_endpoint, self.link.replication)),
+            sql.Identifier(publication),
+            options,
         )
+        execute_unlogged(connection, statement, self.link.replication.password, f"CREATE SUBSCRIPTION {name}")
         return True
 
     def lag(self) -> Lag:
@@ -344,17 +342,6 @@ def streams_in_progress(subscriber_major: int, publisher_major: int) -> bool:
     into the publisher's memory and spill files and sent only at commit. 'on' rather than 'parallel': the apply
     stays one worker, as the capacity check counts."""
     return min(subscriber_major, publisher_major) >= 14
-
-
-def keep_statement_out_of_server_log(connection) -> None:
-    """CREATE SUBSCRIPTION carries the replication password: a failing one must not be logged with its text.
-    Superuser-only settings; where the role may not set them (some managed services), the server's own log
-    policy applies."""
-    for setting, value in (("log_min_error_statement", "panic"), ("log_statement", "none")):
-        try:
-            query(connection, "SELECT set_config(%s, %s, false)", (setting, value))
-        except psycopg2.Error:
-            pass
 
 
 def dump_selection(filters: Filters) -> list[str]:

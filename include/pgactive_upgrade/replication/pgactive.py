@@ -20,6 +20,7 @@ from pgactive_upgrade.switch_state import STATE_TABLE
 from pgactive_upgrade.catalog import META_SCHEMA
 from pgactive_upgrade.config import Filters
 from pgactive_upgrade.identifiers import slug
+from pgactive_upgrade.secret_sql import execute_unlogged
 from pgactive_upgrade.db import Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication.base import Joining, Lag, Node, ReplicationDriver, ReplicationError
@@ -115,8 +116,10 @@ class PgactiveDriver(ReplicationDriver):
         mapped = query(connection, "SELECT 1 FROM pg_user_mappings WHERE srvname = %s AND usename = %s",
                        (self.server_name(peer), admin.user))
         verb = "ALTER USER MAPPING FOR {} SERVER {} OPTIONS ({})" if mapped else "CREATE USER MAPPING FOR {} SERVER {} OPTIONS ({})"
-        execute(connection, sql.SQL(verb).format(
-            sql.Identifier(admin.user), server, (_set_options if mapped else _add_options)(credentials)))
+        statement = sql.SQL(verb).format(
+            sql.Identifier(admin.user), server, (_set_options if mapped else _add_options)(credentials))
+        execute_unlogged(connection, statement, admin.password, f"{verb.split(' FOR')[0]} for {admin.user} on "
+                         f"{self.server_name(peer)}")
 
     # --- build ---------------------------------------------------------------------------------
     def build(self, wait: bool = True) -> dict | Joining:
