@@ -216,7 +216,7 @@ def summary(plan: dict) -> str:
     lines.append("Resources:")
     lines += [f"  {r['action']:<8} {r['kind']} {r['name']}" + (f": {r['detail']}" if r.get("detail") else "")
               for r in plan["resources"]]
-    lines.append("Reboots: " + ("none" if not plan["reboots"] else ""))
+    lines.append("Reboots:" + ("" if plan["reboots"] else " none"))
     lines += [f"  {r['role']} {r['instance']}: {r['why']}" for r in plan["reboots"]]
     lines.append("Steps:")
     lines += [f"  {step}" for step in plan["steps"]]

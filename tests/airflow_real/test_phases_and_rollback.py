@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from datetime import datetime
@@ -193,6 +194,9 @@ def test_a_probe_slower_on_the_target_fails_its_phase_naming_both_timings_with_b
     wait_for_state(airflow, UPGRADE, run_id, "prepare_target", "success", timeout=240)
     with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
         cursor.execute("DROP INDEX public.latency_events_k")  # behind replication's back, during the settle time
+    record = json.loads(airflow.api("GET", "variables/pgactive_upgrade__orders-db")["value"])
+    analyzed = record["statistics_progress"]
+    assert analyzed["done"] == analyzed["analyzed"] == 5 and record["extensions_updated"] == [], record
 
     assert airflow.wait_for_run(UPGRADE, run_id, timeout=180) == "failed"
     states = states_of(airflow, UPGRADE, run_id)
