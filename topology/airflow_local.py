@@ -451,6 +451,16 @@ class LocalAirflow:
         self._token, self._token_time = response["access_token"], time.monotonic()
         return self._token
 
+    def token_for(self, username: str) -> str:
+        """A fresh token of another SimpleAuthManager user (one listed in AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS,
+        whose password the api-server generated into the passwords file)."""
+        password = json.loads(self.passwords_file.read_text())[username]
+        return self._request("POST", "/auth/token", {"username": username, "password": password}, token=None)["access_token"]
+
+    def get(self, path: str, token: str | None) -> dict:
+        """GET any path of the api-server (a plugin's too) with this token (None: without one)."""
+        return self._request("GET", path, None, token=token)
+
     def api(self, method: str, path: str, json: dict | None = None) -> dict:
         """Authenticated call to /api/v2/<path> (path may include the prefix or not)."""
         full_path = path if path.startswith("/api/v2/") else "/api/v2/" + path.lstrip("/")
