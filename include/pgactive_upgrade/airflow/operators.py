@@ -318,7 +318,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         source = upgrade.request.source_identifier
         baseline = (state.read(progress.record_key(source)) or {}).get("conflict_baseline")
         problems, lag = upgrade.health_check(baseline)
-        metrics.conflicts(source, new_conflicts(baseline, upgrade.conflict_marks() if baseline else {}))
+        _report_conflicts(upgrade, baseline)
         if not problems:
             return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes}
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
@@ -552,6 +552,16 @@ def halted_check(context, upgrade: Upgrade):
 
 def _triggering_user(context) -> str:
     return getattr(context["dag_run"], "triggering_user_name", None) or "unknown"
+
+
+def _report_conflicts(upgrade: Upgrade, baseline: dict | None) -> None:
+    """The conflicts metric; reading the conflict history must not change what the health check decides."""
+    try:
+        count = new_conflicts(baseline, upgrade.conflict_marks()) if baseline else 0
+    except Exception as error:
+        emit("conflicts_not_counted", error=type(error).__name__)
+        return
+    metrics.conflicts(upgrade.request.source_identifier, count)
 
 
 def new_conflicts(baseline: dict | None, marks: dict) -> int:

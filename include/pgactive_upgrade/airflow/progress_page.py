@@ -16,7 +16,7 @@ UPGRADE_DAG_ID = "pgactive_rolling_upgrade"
 ROLLBACK_DAG_ID = "pgactive_upgrade_rollback"
 IN_FLIGHT_RUN_STATES = ("queued", "running")
 REFRESH_SECONDS = 10
-CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 560, 160, 36
+CHART_WIDTH, CHART_HEIGHT, CHART_PAD, CHART_LEFT = 600, 170, 30, 70
 
 
 @dataclass
@@ -108,10 +108,10 @@ def _chart(history: list[dict], threshold: int | None) -> str:
     first, last = points[0][0], points[-1][0]
     span = max((last - first).total_seconds(), 1.0)
     top = max(max(b for _, b in points), threshold or 0, 1)
-    width, height = CHART_WIDTH - 2 * CHART_PAD, CHART_HEIGHT - 2 * CHART_PAD
+    width, height = CHART_WIDTH - CHART_LEFT - CHART_PAD, CHART_HEIGHT - 2 * CHART_PAD
 
     def x(at: datetime) -> float:
-        return round(CHART_PAD + (at - first).total_seconds() / span * width, 1)
+        return round(CHART_LEFT + (at - first).total_seconds() / span * width, 1)
 
     def y(value: float) -> float:
         return round(CHART_PAD + height - value / top * height, 1)
@@ -119,19 +119,20 @@ def _chart(history: list[dict], threshold: int | None) -> str:
     line = " ".join(f"{x(at)},{y(b)}" for at, b in points)
     dots = "".join(f'<circle cx="{x(at)}" cy="{y(b)}" r="2"><title>{escape(at.isoformat())}: {b} bytes</title></circle>'
                    for at, b in points)
-    limit = (f'<line class="threshold" x1="{CHART_PAD}" x2="{CHART_PAD + width}" y1="{y(threshold)}" y2="{y(threshold)}"/>'
-             f'<text x="{CHART_PAD + width}" y="{y(threshold) - 4}" text-anchor="end">threshold {_bytes(threshold)}</text>'
+    right = CHART_LEFT + width
+    limit = (f'<line class="threshold" x1="{CHART_LEFT}" x2="{right}" y1="{y(threshold)}" y2="{y(threshold)}"/>'
+             f'<text x="{right}" y="{y(threshold) - 4}" text-anchor="end">threshold {_bytes(threshold)}</text>'
              if threshold else "")
     return f"""<figure class="lag"><figcaption>Replication lag over time ({len(points)} measurements)</figcaption>
 <svg class="lag-chart" data-points="{len(points)}" data-max-bytes="{max(b for _, b in points)}"
  width="{CHART_WIDTH}" height="{CHART_HEIGHT}" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img"
  aria-label="replication lag in bytes over time">
-<line class="axis" x1="{CHART_PAD}" y1="{CHART_PAD + height}" x2="{CHART_PAD + width}" y2="{CHART_PAD + height}"/>
-<line class="axis" x1="{CHART_PAD}" y1="{CHART_PAD}" x2="{CHART_PAD}" y2="{CHART_PAD + height}"/>
-<text x="{CHART_PAD - 4}" y="{CHART_PAD + 4}" text-anchor="end">{_bytes(top)}</text>
-<text x="{CHART_PAD - 4}" y="{CHART_PAD + height}" text-anchor="end">0</text>
-<text x="{CHART_PAD}" y="{CHART_HEIGHT - 8}">{escape(first.strftime('%H:%M:%S'))}</text>
-<text x="{CHART_PAD + width}" y="{CHART_HEIGHT - 8}" text-anchor="end">{escape(last.strftime('%H:%M:%S'))} UTC</text>
+<line class="axis" x1="{CHART_LEFT}" y1="{CHART_PAD + height}" x2="{right}" y2="{CHART_PAD + height}"/>
+<line class="axis" x1="{CHART_LEFT}" y1="{CHART_PAD}" x2="{CHART_LEFT}" y2="{CHART_PAD + height}"/>
+<text x="{CHART_LEFT - 4}" y="{CHART_PAD + 4}" text-anchor="end">{_bytes(top)}</text>
+<text x="{CHART_LEFT - 4}" y="{CHART_PAD + height}" text-anchor="end">0 B</text>
+<text x="{CHART_LEFT}" y="{CHART_HEIGHT - 8}">{escape(first.strftime('%H:%M:%S'))}</text>
+<text x="{right}" y="{CHART_HEIGHT - 8}" text-anchor="end">{escape(last.strftime('%H:%M:%S'))} UTC</text>
 {limit}<polyline class="lag-line" points="{line}"/>{dots}</svg></figure>"""
 
 
