@@ -5,9 +5,12 @@ every component on 127.0.0.1), stores a full-size progress record (a lag history
 through the REST API, then runs two loads of `--seconds` each against
 GET /pgactive-upgrade/progress/orders-db with a viewer's token, each client on its own keep-alive connection:
 - `back_to_back`: every client sends its next request as soon as the answer arrived (the worst case);
-- `polling`: every client asks once per `--poll-interval` seconds (dashboards refreshing).
+- `polling`: every client asks once per `--poll-interval` seconds (dashboards refreshing), each starting at a random
+  moment of the first interval (browsers are not synchronized).
 While they run, another thread rewrites the record once a second (a live upgrade records its steps and lag).
-Each answer is checked (HTTP 200 and the recorded run id).
+Each answer is checked (HTTP 200 and the recorded run id). The same loads are run against Airflow's own
+GET /api/v2/version on the same server (no database, no authorization): the floor that the machine's contention
+sets for any endpoint, reported beside ours with the ratios ours/floor. The client runs on the same machine.
 
     PYTHONPATH=include:. .venv/bin/python bench/progress.py --port-base 23400
 
@@ -20,6 +23,7 @@ import argparse
 import http.client
 import json
 import os
+import random
 import statistics
 import threading
 import time
@@ -34,6 +38,7 @@ STATE_DIR = REPO / ".local" / "bench-progress"
 PORT_BASE = 23400
 SOURCE = "orders-db"
 PATH = f"/pgactive-upgrade/progress/{SOURCE}"
+FLOOR_PATH = "/api/v2/version"
 TARGET_P99_MS = 50.0
 
 
@@ -64,17 +69,20 @@ def put_variable(airflow: LocalAirflow, key: str, value: dict) -> None:
         airflow.api("POST", "variables", body)
 
 
-def client(port: int, token: str, run_id: str, stop: threading.Event, pause: float, out: list, errors: list) -> None:
+def client(port: int, path: str, token: str, run_id: str, stop: threading.Event, pause: float, out: list,
+           errors: list) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    if pause:
+        stop.wait(random.uniform(0, pause))
     while not stop.is_set():
         began = time.perf_counter()
         try:
-            connection.request("GET", PATH, headers=headers)
+            connection.request("GET", path, headers=headers)
             response = connection.getresponse()
             body = response.read()
             elapsed = (time.perf_counter() - began) * 1000
-            if response.status != 200 or json.loads(body)["run_id"] != run_id:
+            if response.status != 200 or (path == PATH and json.loads(body)["run_id"] != run_id):
                 errors.append(f"{response.status}: {body[:200]!r}")
             else:
                 out.append(elapsed)
@@ -87,10 +95,10 @@ def client(port: int, token: str, run_id: str, stop: threading.Event, pause: flo
     connection.close()
 
 
-def load(port: int, token: str, run_id: str, clients: int, seconds: float, pause: float) -> dict:
+def load(port: int, path: str, token: str, run_id: str, clients: int, seconds: float, pause: float) -> dict:
     stop, latencies, errors = threading.Event(), [], []
-    threads = [threading.Thread(target=client, args=(port, token, run_id, stop, pause, latencies, errors), daemon=True)
-               for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(port, path, token, run_id, stop, pause, latencies, errors),
+                                daemon=True) for _ in range(clients)]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -121,6 +129,10 @@ def writer(airflow: LocalAirflow, run_id: str, stop: threading.Event) -> None:
         put_variable(airflow, progress.record_key(SOURCE), full_record(run_id, step))
 
 
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return round(value / base, 2) if value and base else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port-base", type=int, default=PORT_BASE, help="the api-server listens on base + 80")
@@ -140,14 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         put_variable(airflow, progress.record_key(SOURCE), record)
         put_variable(airflow, progress.halt_key(SOURCE), {"run_id": "an_earlier_run"})
         token = airflow.token_for("viewer")
-        load(airflow.port, token, run_id, 2, 2, 0)  # warm-up: imports, connection pools
+        for path in (PATH, FLOOR_PATH):  # warm-up: imports, connection pools
+            load(airflow.port, path, token, run_id, 2, 2, 0)
         stop_writer = threading.Event()
         writing = threading.Thread(target=writer, args=(airflow, run_id, stop_writer), daemon=True)
         writing.start()
         results = {}
         for name, pause in (("back_to_back", 0.0), ("polling", args.poll_interval)):
-            results[name] = load(airflow.port, token, run_id, args.clients, args.seconds, pause)
-            print(f"{name}: {json.dumps(results[name])}", flush=True)
+            for target, path in (("floor", FLOOR_PATH), ("", PATH)):
+                key = f"{name}_floor" if target else name
+                results[key] = load(airflow.port, path, token, run_id, args.clients, args.seconds, pause)
+                print(f"{key} ({path}): {json.dumps(results[key])}", flush=True)
         stop_writer.set()
         writing.join(timeout=10)
     finally:
@@ -156,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     worst = results["back_to_back"]["p99_ms"]
     result = {
         "clients": args.clients, "seconds_each": args.seconds, "record_bytes": len(json.dumps(record)),
-        "back_to_back": results["back_to_back"], "polling": results["polling"],
-        "poll_interval_s": args.poll_interval, "target_p99_ms": TARGET_P99_MS,
+        **results, "poll_interval_s": args.poll_interval, "target_p99_ms": TARGET_P99_MS,
         "p99_over_target": round(worst / TARGET_P99_MS, 2) if worst else None,
-        "polling_p99_over_target": round(results["polling"]["p99_ms"] / TARGET_P99_MS, 2)
-        if results["polling"]["p99_ms"] else None,
+        "polling_p99_over_target": _ratio(results["polling"]["p99_ms"], TARGET_P99_MS),
+        "p50_over_floor": _ratio(results["back_to_back"]["p50_ms"], results["back_to_back_floor"]["p50_ms"]),
+        "p99_over_floor": _ratio(worst, results["back_to_back_floor"]["p99_ms"]),
+        "polling_p99_over_floor": _ratio(results["polling"]["p99_ms"], results["polling_floor"]["p99_ms"]),
         "api_server_workers": 1, "metadata_db": "sqlite",
         "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }

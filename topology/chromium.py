@@ -6,12 +6,10 @@ this kind of machine's closed network refuses.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from topology.procs import TopologyError
+from topology.procs import TopologyError, apt_install
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = (
@@ -24,11 +22,7 @@ def ensure_chromium() -> str:
     found = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).is_file() else None)
     if found:
         return found
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if result.returncode != 0:
-            raise TopologyError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    apt_install("chromium")
     found = shutil.which("chromium")
     if not found:
         raise TopologyError("chromium still not found after apt-get install chromium")
