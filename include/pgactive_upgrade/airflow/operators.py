@@ -311,13 +311,13 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         state.check_not_halted(context, upgrade.request.source_identifier)
         result = self.step(upgrade, context)
         state.record_step(context, upgrade.request.source_identifier, self.task_id, "done", **self.progress_fields(result))
-        state.record_lag(upgrade.request.source_identifier, context["run_id"], result["lag_bytes"])
         return result
 
     def step(self, upgrade, context):
         source = upgrade.request.source_identifier
         baseline = (state.read(progress.record_key(source)) or {}).get("conflict_baseline")
         problems, lag = upgrade.health_check(baseline)
+        state.record_lag(source, context["run_id"], lag.bytes)  # a failing check's lag belongs in the chart too
         _report_conflicts(upgrade, baseline)
         if not problems:
             return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes}
