@@ -1,32 +1,109 @@
-"""The upgrade's Progress query (the PRD's `Progress`): GET /pgactive-upgrade/progress/{source_instance}.
+"""The upgrade's Progress query (the PRD's `Progress`) and the upgrades page in the Airflow UI.
 
-Answers from the record each step keeps (phase, percent, split, state), so it costs one metadata
-read, well under a second. Authenticated like the REST API: a request without a valid token gets 401.
+- GET /pgactive-upgrade/progress/{source_instance}: JSON from the record each step keeps.
+- GET /pgactive-upgrade/ui: the page (upgrades in flight and recent ones), shown in the UI's menu under Browse.
+
+Both need the auth manager's permission to read runs of the upgrade DAG (Airflow's own `requires_access_dag`):
+401 without a token or session cookie, 403 without that permission. A source that is not an RDS identifier gets
+422 naming `source_instance`. The progress answer is read once per RECORD_CACHE_SECONDS and source, in one query
+of the metadata database, and shared by every request meanwhile: many dashboards polling cost one read a second.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
+import time
+from typing import Annotated, Any
+from collections.abc import Callable
 
-from airflow.api_fastapi.core_api.security import GetUserDep
-from airflow.models import Variable
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, Response
+from pydantic import AfterValidator
+from sqlalchemy import select
 
-from pgactive_upgrade import progress
+from pgactive_upgrade import config, progress
+from pgactive_upgrade.airflow import progress_page
+
+RECORD_CACHE_SECONDS = 1.0
+RECENT_UPGRADES = 20
 
 app = FastAPI(title="pgactive upgrade progress")
+may_read_upgrade_runs = Depends(
+    requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=progress_page.UPGRADE_DAG_ID))
 
 
-@app.get("/progress/{source_instance}")
-def read_progress(source_instance: str, user: GetUserDep) -> dict:
-    raw = Variable.get(progress.record_key(source_instance), default_var=None)
-    if raw is None:
-        raise HTTPException(status_code=404, detail=f"no upgrade of {source_instance!r} is recorded")
-    record = json.loads(raw)
-    halt = Variable.get(progress.halt_key(source_instance), default_var=None)
-    return {
-        "source_instance": source_instance,
+def _rds_identifier(value: str) -> str:
+    if not re.match(config.RDS_IDENTIFIER, value):
+        raise ValueError(f"source_instance: expected {config.PATTERN_HINTS[config.RDS_IDENTIFIER]}")
+    return value
+
+
+# The pattern has a look-ahead, which pydantic's own regex engine refuses: checked by a validator instead.
+SourceInstance = Annotated[str, Path(max_length=63, description="the upgrade's source: an RDS instance identifier"),
+                           AfterValidator(_rds_identifier)]
+
+
+class RecentReads:
+    """Each key read at most once per `seconds`; concurrent misses of one key wait for a single read."""
+
+    def __init__(self, seconds: float, max_keys: int = 1024):
+        self.seconds, self.max_keys = seconds, max_keys
+        self._values: dict[str, tuple[float, Any]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def peek(self, key: str) -> tuple[Any] | None:
+        """(value,) while the last read is fresh, else None: no lock, no waiting (an async handler's fast path)."""
+        return self._fresh(key)
+
+    def get(self, key: str, read: Callable[[], Any]) -> Any:
+        if (value := self._fresh(key)) is not None:
+            return value[0]
+        with self._lock(key):
+            if (value := self._fresh(key)) is not None:
+                return value[0]
+            result = read()
+            if len(self._values) >= self.max_keys:
+                self._values.clear()
+            self._values[key] = (time.monotonic(), result)
+            return result
+
+    def _fresh(self, key: str) -> tuple[Any] | None:
+        hit = self._values.get(key)
+        return (hit[1],) if hit and time.monotonic() - hit[0] < self.seconds else None
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            if len(self._locks) >= self.max_keys:
+                self._locks.clear()
+            return self._locks.setdefault(key, threading.Lock())
+
+
+recent_reads = RecentReads(RECORD_CACHE_SECONDS)
+
+
+@app.get("/progress/{source_instance}", dependencies=[may_read_upgrade_runs])
+async def read_progress(source_instance: SourceInstance) -> Response:
+    """The answer's bytes are what is shared: a request within RECORD_CACHE_SECONDS of the last read costs no query,
+    no encoding and no worker thread (the authorization still runs for every request)."""
+    source = source_instance.lower()
+    hit = recent_reads.peek(source)
+    status, body = hit[0] if hit else await run_in_threadpool(recent_reads.get, source, lambda: _progress_answer(source))
+    return Response(content=body, status_code=status, media_type="application/json")
+
+
+def _progress_answer(source: str) -> tuple[int, bytes]:
+    record, halt = _read_record_and_halt(source)
+    if record is None:
+        return 404, json.dumps({"detail": f"no upgrade of {source!r} is recorded"}).encode()
+    return 200, json.dumps({
+        "source_instance": source,
         "dag_id": record["dag_id"],
         "run_id": record["run_id"],
         "phase": record.get("phase") or record.get("step"),
@@ -36,11 +113,95 @@ def read_progress(source_instance: str, user: GetUserDep) -> dict:
         "split": record.get("split"),
         "replicationLagBytes": record.get("replication_lag_bytes"),
         "lag_measured_at": record.get("lag_measured_at"),
+        "write_unavailable_ms": record.get("write_unavailable_ms"),
         "updated_at": record.get("updated_at"),
-        "halted": json.loads(halt) if halt and json.loads(halt).get("run_id") == record["run_id"] else None,
-    }
+        "halted": halt if halt and halt.get("run_id") == record["run_id"] else None,
+    }).encode()
+
+
+@app.get("/ui", response_class=HTMLResponse, dependencies=[may_read_upgrade_runs])
+def upgrades_page(request: Request) -> HTMLResponse:
+    base_url = str(request.scope.get("root_path", "")).removesuffix("/pgactive-upgrade")
+    return HTMLResponse(progress_page.render(_read_upgrades(), base_url=base_url))
+
+
+def _read_record_and_halt(source: str) -> tuple[dict | None, dict | None]:
+    """Both Variables in one query of the metadata database (where Variable.set keeps them)."""
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+
+    keys = {progress.record_key(source): "record", progress.halt_key(source): "halt"}
+    found: dict[str, dict] = {}
+    with create_session() as session:
+        for variable in session.scalars(select(Variable).where(Variable.key.in_(list(keys)))):
+            found[keys[variable.key]] = json.loads(variable.val)
+    return found.get("record"), found.get("halt")
+
+
+def _read_upgrades() -> list[progress_page.Upgrade]:
+    """Every recorded upgrade: the runs still going, and the RECENT_UPGRADES last updated of the others."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        variables = {v.key: v.val for v in session.scalars(
+            select(Variable).where(Variable.key.like(f"{progress.RECORD_PREFIX}%")))}
+        records = {source: json.loads(value) for key, value in variables.items()
+                   if (source := progress.source_of_record_key(key))}
+        run_ids = [r.get("run_id") for r in records.values()]
+        run_states: dict[str, str] = dict(session.execute(
+            select(DagRun.run_id, DagRun.state).where(DagRun.dag_id == progress_page.UPGRADE_DAG_ID,
+                                                      DagRun.run_id.in_(run_ids))).all())
+        gates = _pending_gates(session, run_ids)
+    upgrades = [
+        progress_page.Upgrade(
+            source=source, record=record, run_state=_state(run_states.get(record.get("run_id"))),
+            gates=gates.get(record.get("run_id"), []),
+            halt=_halt_of(variables.get(progress.halt_key(source)), record.get("run_id")))
+        for source, record in records.items()
+    ]
+    finished = sorted((u for u in upgrades if not u.in_flight), key=lambda u: u.record.get("updated_at") or "",
+                      reverse=True)
+    return [u for u in upgrades if u.in_flight] + finished[:RECENT_UPGRADES]
+
+
+def _pending_gates(session, run_ids: list[str]) -> dict[str, list[progress_page.Gate]]:
+    """Human-in-the-loop requests of these runs nobody answered yet (what the REST API's hitlDetails lists)."""
+    from airflow.models.hitl import HITLDetail
+    from airflow.models.taskinstance import TaskInstance
+
+    rows = session.execute(
+        select(TaskInstance.run_id, TaskInstance.task_id, TaskInstance.map_index, HITLDetail.subject,
+               HITLDetail.options, HITLDetail.created_at)
+        .join(HITLDetail, HITLDetail.ti_id == TaskInstance.id)
+        .where(TaskInstance.dag_id == progress_page.UPGRADE_DAG_ID, TaskInstance.run_id.in_(run_ids),
+               HITLDetail.responded_at.is_(None))
+    ).all()
+    gates: dict[str, list[progress_page.Gate]] = {}
+    for run_id, task_id, map_index, subject, options, created_at in rows:
+        gates.setdefault(run_id, []).append(progress_page.Gate(
+            task_id=task_id, map_index=map_index, subject=subject, options=list(options or []),
+            created_at=created_at.isoformat() if created_at else ""))
+    return gates
+
+
+def _state(state) -> str | None:
+    return getattr(state, "value", state)
+
+
+def _halt_of(raw: str | None, run_id: str | None) -> dict | None:
+    halt = json.loads(raw) if raw else None
+    return halt if halt and halt.get("run_id") == run_id else None
 
 
 class PgactiveUpgradeProgressPlugin(AirflowPlugin):
     name = "pgactive_upgrade_progress"
     fastapi_apps = [{"app": app, "url_prefix": "/pgactive-upgrade", "name": "pgactive upgrade progress"}]
+    external_views = [{
+        "name": "PostgreSQL upgrades",
+        "href": "/pgactive-upgrade/ui",
+        "url_route": "pgactive-upgrades",
+        "destination": "nav",
+        "category": "browse",
+    }]

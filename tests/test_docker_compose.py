@@ -91,7 +91,7 @@ def published_ports(spec: dict) -> list[str]:
 def test_stack_has_every_component(services):
     expected = {
         "postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-        "airflow-triggerer", "moto", "pg-old", "pg-new", "haproxy", "redis", "airflow-worker",
+        "airflow-triggerer", "moto", "pg-old", "pg-new", "haproxy", "redis", "airflow-worker", "otel-collector",
     }
     assert expected <= set(services)
     assert with_defaults(services["postgres"]["image"]) == "postgres:16"
@@ -260,6 +260,44 @@ def test_remote_logging_is_configurable_and_off_by_default(airflow_services):
         assert with_defaults(env["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"]).startswith("s3://"), name
         assert "AIRFLOW__LOGGING__ENCRYPT_S3_LOGS" in env, name
     assert "airflow db clean" in COMPOSE_FILE.read_text()
+
+
+OTEL_COLLECTOR_IMAGE = re.compile(r"^otel/opentelemetry-collector(-contrib)?:\d+\.\d+\.\d+$")
+
+
+def collector_config(services) -> dict:
+    mounts = dict(volume.split(":")[:2] for volume in services["otel-collector"]["volumes"])
+    source = next(source for source, target in mounts.items() if target.endswith("config.yaml"))
+    command = " ".join(services["otel-collector"]["command"])
+    assert f"--config={mounts[source]}" in command, "the collector runs the mounted config"
+    return yaml.safe_load((REPO / source).read_text())
+
+
+def test_an_opentelemetry_collector_with_a_pinned_image_receives_otlp_and_serves_prometheus(services):
+    collector = services["otel-collector"]
+    assert OTEL_COLLECTOR_IMAGE.match(with_defaults(collector["image"])), collector["image"]
+    config = collector_config(services)
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    pipelines = config["service"]["pipelines"]
+    assert "otlp" in pipelines["metrics"]["receivers"] and "otlp" in pipelines["traces"]["receivers"]
+    for pipeline in pipelines.values():
+        assert set(pipeline["exporters"]) <= set(config["exporters"]), pipeline
+        assert set(pipeline.get("processors", [])) <= set(config.get("processors", {})), pipeline
+    assert "prometheus" in pipelines["metrics"]["exporters"], "the contrib distribution's Prometheus exporter"
+    assert "contrib" in collector["image"]
+    prometheus_port = config["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
+    assert [port.rsplit(":", 1)[1] for port in published_ports(collector)] == [prometheus_port]
+
+
+def test_every_airflow_component_sends_metrics_and_traces_to_the_collector(airflow_services):
+    for name, spec in airflow_services.items():
+        env = {key: with_defaults(str(value)) for key, value in environment_of(spec).items()}
+        assert env["AIRFLOW__METRICS__OTEL_ON"].lower() == env["AIRFLOW__TRACES__OTEL_ON"].lower() == "true", name
+        assert env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] == "http://otel-collector:4318/v1/metrics", name
+        assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://otel-collector:4318/v1/traces", name
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp_proto_http", name
+        assert "STATSD_ON" not in " ".join(env), "one metrics backend: OpenTelemetry"
+        assert "otel-collector" in spec["depends_on"], name
 
 
 def server_flags(spec: dict) -> list[str]:

@@ -467,6 +467,16 @@ class LocalAirflow:
                 body = error.body.decode(errors="replace") if isinstance(error.body, bytes) else str(error.body)
                 raise AirflowApiError("client", error.reason or "", error.status or 0, body) from None
 
+    def token_for(self, username: str) -> str:
+        """A fresh token of another SimpleAuthManager user (one listed in AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS,
+        whose password the api-server generated into the passwords file)."""
+        password = json.loads(self.passwords_file.read_text())[username]
+        return self._request("POST", "/auth/token", {"username": username, "password": password}, token=None)["access_token"]
+
+    def get(self, path: str, token: str | None) -> dict:
+        """GET any path of the api-server (a plugin's too) with this token (None: without one)."""
+        return self._request("GET", path, None, token=token)
+
     def api(self, method: str, path: str, json: dict | None = None) -> dict:
         """Authenticated call to /api/v2/<path> (path may include the prefix or not), through the official client's
         transport, for endpoints and bodies its typed APIs do not cover the way a test needs."""

@@ -120,3 +120,14 @@ def exclusive_lock(lock_path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def apt_install(package: str) -> None:
+    """`apt-get update` and `apt-get install` of one Debian package (needs root), non-interactive."""
+    import subprocess
+
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", package]):
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if result.returncode != 0:
+            raise TopologyError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 
-from pgactive_upgrade import fencing, sequences, switch_state
+from pgactive_upgrade import fencing, sequences, switch_state, tracing
 from pgactive_upgrade.catalog import Sequence
 from pgactive_upgrade.db import Credentials, Endpoint, connected
 from pgactive_upgrade.events import emit
@@ -76,7 +76,8 @@ class FencedSwitch:
     # --- recording ------------------------------------------------------------------------------
     def _step(self, name: str, function, *args):
         began = time.monotonic()
-        result = function(*args)
+        with tracing.span(f"{type(self).__name__.lower()}.{name}", token=self.token):
+            result = function(*args)
         self.timings_ms[name] = ms_since(began)
         return result
 

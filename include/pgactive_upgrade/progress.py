@@ -9,17 +9,28 @@ from __future__ import annotations
 from datetime import datetime, UTC
 from typing import Any
 
+RECORD_PREFIX = "pgactive_upgrade__"
+HALT_SUFFIX = "__halt"
+LAG_HISTORY_POINTS = 240  # the page's lag chart; about 10 KB of record
+
 
 class HaltedError(RuntimeError):
     """A rollback asked this upgrade run to stop; nothing more may act."""
 
 
 def record_key(source_identifier: str) -> str:
-    return f"pgactive_upgrade__{source_identifier}"
+    return f"{RECORD_PREFIX}{source_identifier}"
 
 
 def halt_key(source_identifier: str) -> str:
-    return f"pgactive_upgrade__{source_identifier}__halt"
+    return f"{RECORD_PREFIX}{source_identifier}{HALT_SUFFIX}"
+
+
+def source_of_record_key(key: str) -> str | None:
+    """The source identifier a Variable key holds the record of; None for a halt flag or another key."""
+    if not key.startswith(RECORD_PREFIX) or key.endswith(HALT_SUFFIX):
+        return None
+    return key[len(RECORD_PREFIX):] or None
 
 
 def now() -> str:
@@ -28,6 +39,18 @@ def now() -> str:
 
 def progress_record(*, dag_id: str, run_id: str, conf: dict, step: str, state: str, **extra: Any) -> dict:
     return {"dag_id": dag_id, "run_id": run_id, "conf": conf, "step": step, "state": state, "updated_at": now(), **extra}
+
+
+def with_lag(record: dict, lag_bytes: int | None, at: str | None = None) -> dict:
+    """The record with this lag measurement as the current lag and appended to its history. The history stays
+    bounded (LAG_HISTORY_POINTS): when full, every other point of its older half goes, so a long wait keeps its
+    whole span at a coarser grain and the last minutes at full grain."""
+    at = at or now()
+    history = [*(record.get("lag_history") or []), {"at": at, "bytes": lag_bytes}]
+    if len(history) > LAG_HISTORY_POINTS:
+        half = len(history) // 2
+        history = history[:half:2] + history[half:]
+    return {**record, "replication_lag_bytes": lag_bytes, "lag_measured_at": at, "lag_history": history}
 
 
 def halt_record(*, run_id: str, requested_by: str, reason: str, rollback_run_id: str) -> dict:

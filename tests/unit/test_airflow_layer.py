@@ -74,3 +74,11 @@ def test_failed_and_halted_events_fail_the_task_naming_why():
         operators.WaitForSyncSensor(task_id="w").execute_complete({}, {"status": "halted", "halt": {"by": "sre"}})
     with pytest.raises(AirflowFailException, match="phase 0 ended failed: phase 1 does not start"):
         operators.PhaseGateSensor(task_id="g", check_task_id="c")._open_or_fail("failed", 1)
+
+
+def test_new_conflicts_count_from_the_baseline_an_operator_saw():
+    from pgactive_upgrade.airflow.operators import new_conflicts
+
+    assert new_conflicts({"orders-db": 4, "orders-db-pg17": 2}, {"orders-db": 7, "orders-db-pg17": 2}) == 3
+    assert new_conflicts(None, {"orders-db": 2}) == 2
+    assert new_conflicts({"orders-db": 9}, {"orders-db": 3}) == 0, "a history cleaned meanwhile counts nothing"

@@ -25,3 +25,20 @@ def test_reserved_field_names_are_renamed(reserved):
 
 def test_values_that_are_not_json_become_text():
     assert events.emit("x", when=object)["when"].startswith("<class")
+
+
+def test_many_short_fields_are_dropped_until_the_event_fits_and_the_line_says_so():
+    fields = events.emit("many", **{f"field_{i}": f"value-{i}" for i in range(60)})
+    assert len(json.dumps({"event": "many", **fields}).encode()) <= events.BUDGET_BYTES
+    assert fields["fields_dropped"] > 0
+
+
+def test_multibyte_text_is_counted_in_bytes():
+    fields = events.emit("utf8", error="é" * 600)
+    assert len(json.dumps({"event": "utf8", **fields}, ensure_ascii=False).encode()) < events.MAX_EVENT_BYTES
+
+
+@pytest.mark.parametrize("text", ['"' * 2000, "\\" * 2000, "é" * 2000, 'error: "x" \\ ' * 300])
+def test_text_full_of_escapes_is_shortened_in_bounded_steps(text):
+    fields = events.emit("failed", error=text, tables=[f"public.t{i}" for i in range(300)])
+    assert len(json.dumps({"event": "failed", **fields}).encode()) <= events.BUDGET_BYTES

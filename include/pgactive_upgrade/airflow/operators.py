@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator, BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import config, plan, progress, rds
-from pgactive_upgrade.airflow import state
+from pgactive_upgrade.airflow import metrics, state
 from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf, upgrade_from_request
 from pgactive_upgrade.airflow.triggers import (
     JoinTrigger,
@@ -228,6 +228,7 @@ class WaitForSyncSensor(BaseSensorOperator):
         state.check_not_halted(context, request.source_identifier)
         state.record_step(context, request.source_identifier, self.task_id, "waiting")
         lag = upgrade.lag()
+        state.record_lag(request.source_identifier, context["run_id"], lag.bytes)
         if lag.within(request.lag_threshold_bytes):
             emit("in_sync", lag_bytes=lag.bytes, detail=lag.detail)
             return {"lag_bytes": lag.bytes, "deferred": False}
@@ -244,6 +245,7 @@ class WaitForSyncSensor(BaseSensorOperator):
                 halt_key=progress.halt_key(request.source_identifier),
                 run_id=context["run_id"],
                 poll_interval=self.poll_interval,
+                source_identifier=request.source_identifier,
             ),
             method_name="execute_complete",
             timeout=self.timeout if self.timeout is None else timedelta(seconds=float(self.timeout)),
@@ -257,8 +259,8 @@ class WaitForSyncSensor(BaseSensorOperator):
             raise RuntimeError(f"replication did not reach sync: {event}")
         emit("in_sync", lag_bytes=event["lag_bytes"], polls=event["polls"])
         request = request_from(context)
-        state.record_step(context, request.source_identifier, self.task_id, "done",
-                          replication_lag_bytes=event["lag_bytes"], lag_measured_at=progress.now())
+        state.record_step(context, request.source_identifier, self.task_id, "done")
+        state.record_lag(request.source_identifier, context["run_id"], event["lag_bytes"])
         return {"lag_bytes": event["lag_bytes"], "deferred": True, "polls": event["polls"]}
 
 
@@ -319,7 +321,9 @@ class ShiftPhaseOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
         with upgrade.acting(halted_check(context, upgrade)) as source:
             upgrade.check_not_switched(source)
-            return upgrade.shift(int(self.percent))
+            result = upgrade.shift(int(self.percent))
+        metrics.phase(upgrade.request.source_identifier, result["percent"], result["split"])
+        return result
 
     def progress_fields(self, result):
         return {"phase": self.task_id, "percent": result["percent"], "split": result["split"]}
@@ -356,7 +360,10 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
     def step(self, upgrade, context):
         source = upgrade.request.source_identifier
-        problems, lag = upgrade.health_check((state.read(progress.record_key(source)) or {}).get("conflict_baseline"))
+        baseline = (state.read(progress.record_key(source)) or {}).get("conflict_baseline")
+        problems, lag = upgrade.health_check(baseline)
+        state.record_lag(source, context["run_id"], lag.bytes)  # a failing check's lag belongs in the chart too
+        _report_conflicts(upgrade, baseline)
         comparison = upgrade.last_latency
         if comparison is not None:
             self.log.info("Latency, target against source (%s):\n%s", comparison.statements_from,
@@ -381,7 +388,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         )
 
     def progress_fields(self, result):
-        return {"replication_lag_bytes": result["lag_bytes"], "lag_measured_at": progress.now()}
+        return {}
 
     def _hold_phase_split(self, upgrade: Upgrade, context) -> None:
         """A check cleared after a failure runs again at its own phase's split, not at the one it restored."""
@@ -407,10 +414,15 @@ class CutoverOperator(UpgradeStepOperator):
             return {"already_done": True, "detached": record["detached"]}
         self._refuse_unwatched(context)
         token = f"{context['run_id']}#{context['ti'].try_number}"
-        return upgrade.cutover(token, halted=lambda: state.check_not_halted(context, upgrade.request.source_identifier))
+        result = upgrade.cutover(token, halted=lambda: state.check_not_halted(context, upgrade.request.source_identifier))
+        metrics.cutover(upgrade.request.source_identifier, result.get("write_unavailable_ms"), result.get("split"))
+        return result
 
     def progress_fields(self, result):
-        return {"phase": "cutover", "percent": 100, "split": result.get("split"), "cut_over": progress.now()}
+        fields = {"phase": "cutover", "percent": 100, "split": result.get("split"), "cut_over": progress.now()}
+        if result.get("write_unavailable_ms") is not None:
+            fields["write_unavailable_ms"] = result["write_unavailable_ms"]
+        return fields
 
     @staticmethod
     def _refuse_unwatched(context) -> None:
@@ -433,7 +445,9 @@ class VerifyOperator(UpgradeStepOperator):
 
     def step(self, upgrade, context):
         key = progress.record_key(upgrade.request.source_identifier)
-        return upgrade.verify(progress=lambda figures: state.merge(key, {"verify_progress": {"task": self.task_id, **figures}}))
+        result = upgrade.verify(progress=lambda figures: state.merge(key, {"verify_progress": {"task": self.task_id, **figures}}))
+        metrics.verify_rate(upgrade.request.source_identifier, self.task_id, result["rows_per_second"])
+        return result
 
     def progress_fields(self, result: Any) -> dict:
         return {"verify_progress": {"task": self.task_id, "chunks_done": result["chunks"], "chunks": result["chunks"],
@@ -571,6 +585,7 @@ class RollbackOperator(BaseOperator):
             moved = "; every route was already sent back to the source" if early else ""
             raise AirflowFailException(f"the rollback set the halt flag{moved}, and then: {error}") from error
         state.merge(key, {"state": "rolled_back", "rollback": halt, "split": result["split"], "writer": "source"})
+        metrics.rollback(ask.source_identifier, result["total_ms"], result["split"])
         emit("rolled_back", upgrade_run=record["run_id"], total_ms=result["total_ms"], after_cutover=result["after_cutover"])
         return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason,
                 "switched_before_waiting": early, **result}
@@ -592,6 +607,21 @@ def halted_check(context, upgrade: Upgrade):
 
 def _triggering_user(context) -> str:
     return getattr(context["dag_run"], "triggering_user_name", None) or "unknown"
+
+
+def _report_conflicts(upgrade: Upgrade, baseline: dict | None) -> None:
+    """The conflicts metric; reading the conflict history must not change what the health check decides."""
+    try:
+        count = new_conflicts(baseline, upgrade.conflict_marks()) if baseline else 0
+    except Exception as error:
+        emit("conflicts_not_counted", error=type(error).__name__)
+        return
+    metrics.conflicts(upgrade.request.source_identifier, count)
+
+
+def new_conflicts(baseline: dict | None, marks: dict) -> int:
+    """Conflicts logged since the baseline an operator saw (conflict ids grow by one per conflict per node)."""
+    return sum(max(0, int(mark) - int((baseline or {}).get(node, 0))) for node, mark in marks.items())
 
 
 def checked_event(event: dict[str, Any] | None, *statuses: str) -> dict[str, Any]:

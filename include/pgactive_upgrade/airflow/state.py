@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import Variable
 
 from pgactive_upgrade import progress
+from pgactive_upgrade.airflow import metrics
 
 
 def read(key: str) -> dict | None:
@@ -29,7 +30,7 @@ def merge(key: str, fields: dict[str, Any]) -> dict:
 # What happened to the databases outlives the run that did it: a cutover or a detach cannot be repeated.
 OUTLIVES_THE_RUN = ("cut_over", "detached")
 KEPT_WITHIN_THE_RUN = ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at",
-                       "statistics_progress", "extensions_updated")
+                       "statistics_progress", "extensions_updated", "lag_history", "write_unavailable_ms")
 
 
 def record_step(context, source_identifier: str, step: str, state: str, **extra: Any) -> None:
@@ -42,6 +43,19 @@ def record_step(context, source_identifier: str, step: str, state: str, **extra:
         **{**kept, **extra},
     )
     write(progress.record_key(source_identifier), record)
+
+
+def record_lag(source_identifier: str, run_id: str, lag_bytes: int | None) -> dict | None:
+    """A lag measurement into the record of this run (its current lag and the history the page charts); nothing
+    when the record belongs to another run. Also sent as a metric."""
+    key = progress.record_key(source_identifier)
+    record = read(key)
+    if not record or record.get("run_id") != run_id:
+        return None
+    record = progress.with_lag(record, lag_bytes)
+    write(key, record)
+    metrics.lag(source_identifier, lag_bytes)
+    return record
 
 
 def check_not_halted(context, source_identifier: str) -> None:

@@ -13,7 +13,7 @@ from airflow.sdk import Variable
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from pgactive_upgrade import switch_state
-from pgactive_upgrade.airflow import connections
+from pgactive_upgrade.airflow import connections, state
 from pgactive_upgrade.db import Credentials, Endpoint, connected
 from pgactive_upgrade.events import emit
 from pgactive_upgrade.replication import Link, Node, driver_for
@@ -38,7 +38,9 @@ class ReplicationLagTrigger(BaseTrigger):
         halt_key: str,
         run_id: str,
         poll_interval: float = 5.0,
+        source_identifier: str | None = None,
     ):
+        """source_identifier: whose progress record gets each measurement (the page's lag chart)."""
         super().__init__()
         self.driver = driver
         self.source = source
@@ -50,11 +52,13 @@ class ReplicationLagTrigger(BaseTrigger):
         self.halt_key = halt_key
         self.run_id = run_id
         self.poll_interval = poll_interval
+        self.source_identifier = source_identifier
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
+                "source_identifier": self.source_identifier,
                 "driver": self.driver,
                 "source": self.source,
                 "target": self.target,
@@ -83,6 +87,7 @@ class ReplicationLagTrigger(BaseTrigger):
                 self.log.warning("lag measurement failed: %s", type(error).__name__)
                 await asyncio.sleep(self.poll_interval)
                 continue
+            await self._record(lag.bytes)
             if lag.within(self.threshold_bytes):
                 yield TriggerEvent({"status": "synced", "lag_bytes": lag.bytes, "polls": polls, "detail": lag.detail})
                 return
@@ -90,11 +95,19 @@ class ReplicationLagTrigger(BaseTrigger):
             if not escalated and waited > self.escalate_after_seconds:
                 escalated = True
                 emit("lag_escalation", lag_bytes=lag.bytes, waited_s=round(waited), detail=lag.detail)
-            self.log.info("lag %s bytes, synced=%s, %s", lag.bytes, lag.synced, lag.detail)
+            self.log.info("lag %s bytes, synced=%s, %.200s", lag.bytes, lag.synced, lag.detail)
             await asyncio.sleep(self.poll_interval)
 
     async def _halt(self) -> dict | None:
         return await read_halt(self.halt_key, self.run_id)
+
+    async def _record(self, lag_bytes: int | None) -> None:
+        if not self.source_identifier:
+            return
+        try:
+            await sync_to_async(state.record_lag)(self.source_identifier, self.run_id, lag_bytes)
+        except Exception as error:  # the record is for the page: a failed write must not end the wait
+            self.log.warning("lag not recorded: %s", type(error).__name__)
 
     def _link(self, admin: Credentials) -> Link:
         return Link(
