@@ -350,20 +350,24 @@ class Upgrade:
         """Where each node's conflict history stands now (active-active drivers); {} when the driver has none."""
         return self.driver().conflict_marks()
 
-    def health_check(self, conflict_baseline: dict | None = None) -> tuple[list[str], Lag]:
-        """Problems after a phase, and the lag measured for them.
+    def health_check(self, conflict_baseline: dict | None = None) -> health.HealthReport:
+        """What a phase's checks find, sorted by what happens next (see health.HealthReport).
         conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count."""
         driver = self.driver()
         if conflict_baseline is not None:
             driver.conflict_baseline = conflict_baseline
-        problems = driver.problems()
+        problems = driver.problems(conflicts=False)
+        conflicts = driver.conflicts()
         lag = driver.lag()
-        if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
-            problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
-        problems += health.probe_problems(self.endpoint(self.target()), self.admin, self.request.health_probes,
-                                          self.request.probe_budget_ms)
-        emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
-        return problems, lag
+        report = health.HealthReport(lag=lag, threshold_bytes=self.request.lag_threshold_bytes, problems=problems,
+                                     conflicts=conflicts)
+        if report.lag_high:
+            report.lag_causes = driver.lag_causes(lag)
+        report.problems += health.probe_problems(self.endpoint(self.target()), self.admin, self.request.health_probes,
+                                                 self.request.probe_budget_ms)
+        emit("health_checked", problems=len(report.problems), conflicts=len(conflicts), lag_bytes=lag.bytes,
+             lag_high=report.lag_high)
+        return report
 
     def rollback(self, token: str) -> dict:
         if rds.describe_instance(self.rds_client, self.target_id) is None:
