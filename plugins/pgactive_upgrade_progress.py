@@ -44,3 +44,40 @@ def read_progress(source_instance: str, user: GetUserDep) -> dict:
 class PgactiveUpgradeProgressPlugin(AirflowPlugin):
     name = "pgactive_upgrade_progress"
     fastapi_apps = [{"app": app, "url_prefix": "/pgactive-upgrade", "name": "pgactive upgrade progress"}]
+
+
+# --- Audit trail (issue 10: gates and audit) ------------------------------------------------------------------------
+# GET /pgactive-upgrade/audit/{source_instance}: who triggered the upgrade, answered its gates, rolled it back and why,
+# cleared or marked its tasks. Read through this api-server's own REST API with the caller's credentials, so Airflow's
+# permissions on runs, variables and the audit log apply to the caller.
+import re  # noqa: E402
+
+import httpx  # noqa: E402
+from fastapi import Request  # noqa: E402
+
+from pgactive_upgrade import audit  # noqa: E402
+
+_SOURCE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
+
+
+@app.get("/audit/{source_instance}")
+def read_audit(source_instance: str, request: Request, user: GetUserDep) -> dict:
+    if not _SOURCE.match(source_instance):
+        raise HTTPException(status_code=422, detail="source_instance: expected an RDS instance identifier")
+    token = request.headers.get("authorization") or f"Bearer {request.cookies.get('_token', '')}"
+    base = str(request.url.replace(path="/api/v2/", query=""))
+    with httpx.Client(base_url=base, headers={"Authorization": token}, timeout=30) as client:
+        def get(path: str, params: dict | None) -> dict:
+            answer = client.get(path, params=params)
+            if answer.status_code == 404:
+                raise LookupError(path)
+            answer.raise_for_status()
+            return answer.json()
+
+        try:
+            return audit.upgrade_audit(get, source_instance.lower())
+        except audit.NoUpgradeRecorded as error:
+            raise HTTPException(status_code=404, detail=str(error))
+        except httpx.HTTPStatusError as error:
+            raise HTTPException(status_code=error.response.status_code, detail=f"reading {error.request.url.path}: "
+                                f"{error.response.status_code}")

@@ -102,7 +102,8 @@ class UpgradeGateOperator(HITLOperator):
         """Halts the run at once (no later step acts), then has the task runner trigger pgactive_upgrade_rollback,
         as TriggerDagRunOperator does; that run inherits the upgrade's triggering user, and names who answered."""
         ti = context["ti"]
-        rollback_run_id = f"gate__{self._key(context)}__try{ti.try_number}__{context['run_id']}"[:250]
+        # Run ids allow letters, digits and _.~:+- only (no brackets): the map index is spelled out.
+        rollback_run_id = f"gate__{self.task_id}_{ti.map_index}__try{ti.try_number}__{context['run_id']}"[:250]
         halt = progress.halt_record(run_id=context["run_id"], requested_by=who, reason=reason,
                                     rollback_run_id=rollback_run_id)
         state.write(progress.halt_key(request.source_identifier), halt)
