@@ -84,9 +84,20 @@ def _event_log(get: Get, dag_id: str, run_id: str) -> list[dict]:
     for log in _paged(get, "eventLogs", "event_logs", {"dag_id": dag_id, "run_id": run_id, "order_by": "when"}):
         if log.get("event") not in ACTING_EVENTS or log.get("owner") in SYSTEM_OWNERS:
             continue
+        request = _request_of(log.get("extra"))
         entries.append(_entry(log.get("when"), log.get("owner"), log["event"], "event_log", task_id=log.get("task_id"),
-                              map_index=log.get("map_index"), request=_request_of(log.get("extra"))))
+                              map_index=_map_index(log, request), request=request))
     return entries
+
+
+def _map_index(log: dict, request: Any) -> int | None:
+    """The audit log keeps a mapped task's index only in the request's path parameters."""
+    if log.get("map_index") is not None:
+        return log["map_index"]
+    try:
+        return int(request["map_index"]) if isinstance(request, dict) and "map_index" in request else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _request_of(extra: str | None) -> Any:

@@ -81,7 +81,8 @@ def run_upgrade(topo, **overrides):
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder="dags").dags["pgactive_rolling_upgrade"]
-    conf = {**demo_conf(topo), "shift_percentages": [], **overrides}
+    # dag.test() would wait forever at a human gate that asks: the demo conf deletes the old instance, which asks first.
+    conf = {**demo_conf(topo), "shift_percentages": [], "approve_decommission": False, **overrides}
     return dag.test(run_conf=conf)
 
 

@@ -18,14 +18,17 @@ def record_task_failure(context) -> None:
     """on_failure_callback of each upgrade task: the step is `failed` (or `halted` when a rollback stopped the run),
     with the error's first line."""
     ti = context.get("ti") or context.get("task_instance")
-    _record(context, step=getattr(ti, "task_id", None), map_index=getattr(ti, "map_index", -1),
-            error=context.get("exception"), run_failed=False)
+    # Without an exception the callback comes from the dag-processor: the task's process died or stopped heartbeating.
+    error = context.get("exception") or "the task failed without an error of its own (its process died or stopped " \
+                                        "heartbeating); its log has the rest"
+    _record(context, step=getattr(ti, "task_id", None), map_index=getattr(ti, "map_index", -1), error=error,
+            run_failed=False)
 
 
 def record_run_success(context) -> None:
     """on_success_callback of the upgrade DAG."""
     source, run_id = _run_of(context)
-    if source and state.merge_if_run(source, run_id, {"run_state": progress.SUCCESS, "error": None}):
+    if source and run_id and state.merge_if_run(source, run_id, {"run_state": progress.SUCCESS, "error": None}):
         emit("upgrade_succeeded", run_id=run_id)
 
 
@@ -38,7 +41,7 @@ def record_run_failure(context) -> None:
 def _record(context, *, step: str | None, map_index: int, error: Any, run_failed: bool) -> None:
     try:
         source, run_id = _run_of(context)
-        if not source:
+        if not source or not run_id:
             return
         halt = state.read(progress.halt_key(source))
         halted = bool(halt and halt.get("run_id") == run_id) or isinstance(error, progress.HaltedError)
@@ -77,4 +80,4 @@ def _redact(text: str) -> str:
         from airflow.sdk._shared.secrets_masker import redact
     except ImportError:  # pragma: no cover - other Airflow layouts
         return text
-    return redact(text)
+    return str(redact(text))
