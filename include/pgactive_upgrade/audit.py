@@ -17,9 +17,9 @@ from pgactive_upgrade import progress
 
 ROLLBACK_DAG_ID = "pgactive_upgrade_rollback"
 # Audit-log events that are a person acting on a run (Airflow also logs reads and its own task state changes).
-ACTING_EVENTS = ("trigger_dag_run", "patch_dag_run", "clear_dag_run", "post_clear_task_instances",
-                 "patch_task_instance", "patch_task_instance_by_map_index", "bulk_task_instances",
-                 "update_hitl_detail", "delete_dag_run")
+ACTING_EVENTS = ("trigger_dag_run", "patch_dag_run", "clear_dag_run", "clear_dag_runs", "bulk_dag_runs",
+                 "post_clear_task_instances", "patch_task_instance", "patch_task_group_instances",
+                 "bulk_task_instances", "delete_task_instance", "update_hitl_detail", "delete_dag_run")
 SYSTEM_OWNERS = (None, "", "airflow", "anonymous")
 PAGE = 100
 

@@ -170,6 +170,15 @@ def test_a_failed_step_is_recorded_failed_with_its_error_line(ready):
     assert failed["error"].startswith("PreflightError: preflight failed:") and "\n" not in failed["error"], failed
     assert topo.credentials["postgres"] not in json.dumps(failed)
 
+    # Who cleared or marked which task: Airflow's audit log, in the upgrade's audit trail.
+    airflow.api("POST", f"dags/{UPGRADE}/clearTaskInstances",
+                {"dag_run_id": run_id, "task_ids": ["preflight"], "only_failed": True, "dry_run": False})
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=180) == "failed"
+    airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/validate_request",
+                {"new_state": "success"})
+    acted = [(e["what"], e["who"]) for e in audit_of(airflow)["entries"] if e["origin"] == "event_log"]
+    assert acted == [("post_clear_task_instances", airflow.username), ("patch_task_instance", airflow.username)], acted
+
 
 def test_a_gate_that_times_out_applies_the_safe_default(ready):
     airflow, topo = ready
