@@ -81,8 +81,9 @@ with DAG(
         """One phase: wait for the previous phase's decision, move the split, settle and check, and ask an operator
         when the check escalated lag or found conflicts."""
         chain(
+            # Waits (deferred, free) as long as the previous phase's gate may: gate_timeout_minutes is at most 7 days.
             PhaseGateSensor(
-                task_id="wait_for_previous_phase", check_task_id="traffic_phase.decide", timeout=timedelta(hours=6)
+                task_id="wait_for_previous_phase", check_task_id="traffic_phase.decide", timeout=timedelta(days=8)
             ),
             ShiftPhaseOperator(task_id="shift", percent=percent, execution_timeout=timedelta(minutes=10)),
             PhaseHealthCheckOperator(
