@@ -7,6 +7,9 @@ phases with health checks, verifies every row while writes go on, cuts over with
 switch, verifies every row and sequence again,
 then (when the conf says `decommission: delete`) detaches the old node and deletes it after a final snapshot.
 
+Human gates (Required Actions in the UI, or the REST API's hitlDetails): after each phase when lag stayed high or
+conflicts appeared, before the cutover (`approve_cutover`) and before decommissioning (`approve_decommission`).
+
 Every task can be cleared and re-run: each step first checks whether its work is already done.
 Roll back at any time with the DAG `pgactive_upgrade_rollback`. See README.md for every conf field.
 """
@@ -17,6 +20,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, chain, task_group
 
+from pgactive_upgrade.airflow.callbacks import record_run_failure, record_run_success, record_task_failure
+from pgactive_upgrade.airflow.gates import ApprovalGateOperator, PhaseDecisionOperator
 from pgactive_upgrade.airflow.operators import (
     BuildReplicationOperator,
     ConfigureParametersOperator,
@@ -51,7 +56,10 @@ with DAG(
     max_active_runs=64,
     params=upgrade_params(),
     tags=["postgres", "rds", "upgrade"],
-    default_args={"retries": 0},
+    # The progress record says how each step and the run ended, whatever ended them.
+    default_args={"retries": 0, "on_failure_callback": record_task_failure},
+    on_success_callback=record_run_success,
+    on_failure_callback=record_run_failure,
 ) as dag:
     # Only reads (conf, RDS): a busy worker (bench/fleet.py: 20 runs starting at once) may take long, so retry.
     validate_request = ValidateRequestOperator(
@@ -77,15 +85,18 @@ with DAG(
 
     @task_group(group_id="traffic_phase")
     def traffic_phase(percent):
-        """One phase: wait for the previous phase's checks, move the split, settle and check."""
+        """One phase: wait for the previous phase's decision, move the split, settle and check, and ask an operator
+        when the check escalated lag or found conflicts."""
         chain(
+            # Waits (deferred, free) as long as the previous phase's gate may: gate_timeout_minutes is at most 7 days.
             PhaseGateSensor(
-                task_id="wait_for_previous_phase", check_task_id="traffic_phase.health_check", timeout=timedelta(hours=6)
+                task_id="wait_for_previous_phase", check_task_id="traffic_phase.decide", timeout=timedelta(days=8)
             ),
             ShiftPhaseOperator(task_id="shift", percent=percent, execution_timeout=timedelta(minutes=10)),
             PhaseHealthCheckOperator(
                 task_id="health_check", percent=percent, execution_timeout=timedelta(minutes=5) + timedelta(hours=1)
-            ),  # the settle time (at most 1 h) plus the PRD's 5 min of checks
+            ),  # the settle time (at most 1 h) plus the PRD's 5 min of checks; a lag wait defers with its own timeout
+            PhaseDecisionOperator(task_id="decide", check_task_id="traffic_phase.health_check"),
         )
 
     traffic_phases = traffic_phase.expand(percent=validate_request.output)
@@ -93,6 +104,8 @@ with DAG(
     verify_before_cutover = VerifyOperator(
         task_id="verify_before_cutover", execution_timeout=timedelta(hours=2), trigger_rule="none_failed"
     )
+    # Waits only with approve_cutover; the approver sees verify_before_cutover's figures.
+    approve_cutover = ApprovalGateOperator(task_id="approve_cutover", before="cutover")
     refresh_views_before_cutover = RefreshMaterializedViewsOperator(
         task_id="refresh_views_before_cutover", execution_timeout=timedelta(hours=1)
     )
@@ -101,6 +114,8 @@ with DAG(
     # Beside the cutover, deferred: settles the switch within seconds if the cutover's process dies holding the fence.
     cutover_watchdog = CutoverWatchdogOperator(task_id="cutover_watchdog", execution_timeout=timedelta(hours=6))
     verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(hours=2))
+    # Waits when approve_decommission, or by default when decommission is delete.
+    approve_decommission = ApprovalGateOperator(task_id="approve_decommission", before="decommission")
     detach_old_node = DetachOldNodeOperator(task_id="detach_old_node", execution_timeout=timedelta(minutes=5))
     decommission_source = DecommissionSourceOperator(task_id="decommission_source", execution_timeout=timedelta(minutes=10))
 
@@ -116,9 +131,11 @@ with DAG(
         prepare_target,
         traffic_phases,
         verify_before_cutover,
+        approve_cutover,
         refresh_views_before_cutover,
         [cutover, cutover_watchdog],
         verify,
+        approve_decommission,
         detach_old_node,
         decommission_source,
     )

@@ -21,13 +21,14 @@ from collections.abc import Callable
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, Path, Request
+import httpx
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from pydantic import AfterValidator
 from sqlalchemy import select
 
-from pgactive_upgrade import config, progress
+from pgactive_upgrade import audit, config, progress
 from pgactive_upgrade.airflow import progress_page
 
 RECORD_CACHE_SECONDS = 1.0
@@ -109,6 +110,11 @@ def _progress_answer(source: str) -> tuple[int, bytes]:
         "phase": record.get("phase") or record.get("step"),
         "step": record.get("step"),
         "state": record.get("state"),
+        "run_state": record.get("run_state"),  # running, awaiting_input, success, failed, halted
+        "failed_task": record.get("failed_task"),
+        "error": record.get("error"),
+        "pending_gate": record.get("pending_gate"),
+        "gates": record.get("gates") or [],
         "percent": record.get("percent"),
         "split": record.get("split"),
         "replicationLagBytes": record.get("replication_lag_bytes"),
@@ -193,6 +199,30 @@ def _state(state) -> str | None:
 def _halt_of(raw: str | None, run_id: str | None) -> dict | None:
     halt = json.loads(raw) if raw else None
     return halt if halt and halt.get("run_id") == run_id else None
+
+
+@app.get("/audit/{source_instance}", dependencies=[may_read_upgrade_runs])
+def read_audit(source_instance: SourceInstance, request: Request) -> dict:
+    """Who triggered the upgrade, answered its gates, rolled it back and why, cleared or marked its tasks. Read through
+    this api-server's own REST API with the caller's credentials, so Airflow's permissions on runs, variables and the
+    audit log apply to the caller."""
+    token = request.headers.get("authorization") or f"Bearer {request.cookies.get('_token', '')}"
+    base = str(request.url.replace(path="/api/v2/", query=""))
+    with httpx.Client(base_url=base, headers={"Authorization": token}, timeout=30) as client:
+        def get(path: str, params: dict | None) -> dict:
+            answer = client.get(path, params=params)
+            if answer.status_code == 404:
+                raise LookupError(path)
+            answer.raise_for_status()
+            return answer.json()
+
+        try:
+            return audit.upgrade_audit(get, source_instance.lower())
+        except audit.NoUpgradeRecorded as error:
+            raise HTTPException(status_code=404, detail=str(error)) from None
+        except httpx.HTTPStatusError as error:
+            raise HTTPException(status_code=error.response.status_code, detail=f"reading {error.request.url.path}: "
+                                f"{error.response.status_code}") from None
 
 
 class PgactiveUpgradeProgressPlugin(AirflowPlugin):

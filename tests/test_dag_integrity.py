@@ -22,7 +22,8 @@ def test_upgrade_dag_runs_the_steps_in_order_with_the_prd_timeouts():
     order = [
         "validate_request", "preflight", "plan", "provision_target", "configure_parameters", "install_extension",
         "init_replication_group.build_replication", "wait_for_sync", "prepare_target", "traffic_phase.wait_for_previous_phase",
-        "traffic_phase.shift", "traffic_phase.health_check", "verify_before_cutover", "refresh_views_before_cutover", "cutover", "verify",
+        "traffic_phase.shift", "traffic_phase.health_check", "traffic_phase.decide", "verify_before_cutover",
+        "approve_cutover", "refresh_views_before_cutover", "cutover", "verify", "approve_decommission",
         "detach_old_node", "decommission_source",
     ]
     for upstream, downstream in zip(order, order[1:]):
@@ -30,6 +31,12 @@ def test_upgrade_dag_runs_the_steps_in_order_with_the_prd_timeouts():
     assert dag.get_task("provision_target").execution_timeout.total_seconds() == 15 * 60
     assert dag.get_task("wait_for_sync").timeout == 24 * 3600
     assert dag.max_active_runs > 1, "a fleet of sources upgrades side by side"
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    gates = [task.task_id for task in dag.tasks if isinstance(task, HITLOperator)]
+    assert gates == ["traffic_phase.decide", "approve_cutover", "approve_decommission"], gates
+    assert all(task.on_failure_callback for task in dag.tasks), "every failure reaches the progress record"
+    assert dag.on_success_callback and dag.on_failure_callback
     assert dag.doc_md
 
 

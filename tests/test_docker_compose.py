@@ -153,7 +153,15 @@ CELERY_SERVICES = {"redis", "airflow-worker"}
 
 def test_only_the_celery_services_sit_behind_the_celery_profile(services):
     profiled = {name: spec["profiles"] for name, spec in services.items() if "profiles" in spec}
-    assert profiled == {name: ["celery"] for name in CELERY_SERVICES}, "the default stack stays as it was"
+    expected = {**{name: ["celery"] for name in CELERY_SERVICES}, "airflow-retention": ["maintenance"]}
+    assert profiled == expected, "the default stack stays as it was"
+
+
+def test_metadata_retention_purges_only_rows_older_than_90_days_or_more(services):
+    retention = services["airflow-retention"]
+    script = retention["command"][-1]
+    assert "airflow db clean --clean-before-timestamp" in script and '-lt 90 ]' in script
+    assert with_defaults(environment_of(retention)["RETENTION_DAYS"]) == "100"
 
 
 def test_one_variable_switches_every_component_to_the_celery_executor(airflow_services):

@@ -84,7 +84,8 @@ def up() -> int:
     run_id = f"demo__{datetime.now():%Y%m%dT%H%M%S}"
     airflow.trigger(DAG_ID, demo_conf(topo), run_id=run_id)
     say(f"Triggered {DAG_ID} run {run_id} through the REST API; progress:")
-    state = airflow.wait_for_run(DAG_ID, run_id, timeout=1200, on_poll=ProgressPrinter())
+    printer, gates = ProgressPrinter(), GateAnswerer(airflow, run_id)
+    state = airflow.wait_for_run(DAG_ID, run_id, timeout=1200, on_poll=lambda tis: (printer(tis), gates(tis)))
     summary = summarize(airflow, topo, run_id, state)
     print(json.dumps(summary, indent=2))
     say(f"\nRun {state} in {time.monotonic() - started:.0f} s (demo total).")
@@ -106,6 +107,24 @@ class ProgressPrinter:
                 duration = ti.get("duration")
                 took = f" ({duration:.1f} s)" if duration else ""
                 say(f"  {datetime.now():%H:%M:%S}  {key:<45} {state}{took}")
+
+
+class GateAnswerer:
+    """Approves each approval gate the run asks (decommission: delete asks before deleting the old instance) through
+    the REST API, as an operator would from the UI's Required Actions; any other gate is left to a person."""
+
+    def __init__(self, airflow: LocalAirflow, run_id: str):
+        self.airflow, self.run_id, self.answered = airflow, run_id, set()
+
+    def __call__(self, task_instances: list[dict]) -> None:
+        for ti in task_instances:
+            key = (ti["task_id"], ti.get("map_index", -1))
+            if ti.get("state") != "awaiting_input" or not key[0].startswith("approve_") or key in self.answered:
+                continue
+            self.airflow.api("PATCH", f"dags/{DAG_ID}/dagRuns/{self.run_id}/taskInstances/{key[0]}/{key[1]}/hitlDetails",
+                             {"chosen_options": ["Approve"], "params_input": {}})
+            self.answered.add(key)
+            say(f"  {datetime.now():%H:%M:%S}  {key[0]:<45} approved by {self.airflow.username} through the REST API")
 
 
 def summarize(airflow: LocalAirflow, topo: Topology, run_id: str, state: str) -> dict:

@@ -307,7 +307,8 @@ FIELDS: dict[str, dict] = {
         {"type": "integer", "minimum": 1, "maximum": 1440},
         15,
         "Lag escalation (minutes)",
-        "Lag above the threshold for this long after sync is reported as an escalation.",
+        "Lag above the threshold for this long after a traffic phase pauses the shifts and asks an operator "
+        "(keep waiting, continue, roll back); while waiting for the initial sync it is logged as an escalation.",
         "Replication",
     ),
     "cutover_deadline_seconds": _field(
@@ -349,11 +350,41 @@ FIELDS: dict[str, dict] = {
         "(a brief outage of the production database), the run stops in preflight unless this is true.",
         "Safety",
     ),
+    "approve_cutover": _field(
+        {"type": "boolean"},
+        False,
+        "Approve before cutover",
+        "The run waits before the cutover until an operator approves (UI Required Actions or the REST API).",
+        "Safety",
+    ),
+    "gate_timeout_minutes": _field(
+        {"type": "integer", "minimum": 1, "maximum": 10080},
+        120,
+        "Gate timeout (minutes)",
+        "How long a human gate (approval, lag escalation, conflicts) waits for an answer before gate_timeout_answer applies.",
+        "Safety",
+    ),
+    "gate_timeout_answer": _field(
+        {"type": "string", "enum": ["Stop", "Roll back"]},
+        "Stop",
+        "Answer when a gate times out",
+        "Stop: the run fails at the gate, traffic stays where it is. Roll back: pgactive_upgrade_rollback is triggered. "
+        "A gate never continues on its own.",
+        "Safety",
+    ),
     "decommission": _field(
         {"type": "string", "enum": ["keep", "delete"]},
         "keep",
         "Old instance after cutover",
         "keep: stays attached for rollback. delete: detach, final snapshot, delete.",
+        "Decommission",
+    ),
+    "approve_decommission": _field(
+        {"type": ["boolean", "null"]},
+        None,
+        "Approve before decommission",
+        "The run waits after the last verification, before detaching the old node, until an operator approves; "
+        "empty: on when decommission is delete.",
         "Decommission",
     ),
     "final_snapshot_id": _field(
@@ -481,7 +512,11 @@ class UpgradeRequest:
     application_roles: tuple[str, ...] = ()
     traffic: dict = field(default_factory=lambda: dict(DEFAULT_TRAFFIC))
     allow_source_reboot: bool = False
+    approve_cutover: bool = False
+    gate_timeout_minutes: int = 120
+    gate_timeout_answer: str = "Stop"
     decommission: str = "keep"
+    approve_decommission: bool | None = None
     final_snapshot_id: str = ""
     endpoint_overrides: dict = field(default_factory=dict)
     aws_conn_id: str = "pgu_aws"
@@ -492,6 +527,13 @@ class UpgradeRequest:
     @property
     def source_identifier(self) -> str:
         return source_key(self.source_instance)
+
+    @property
+    def asks_before_decommission(self) -> bool:
+        """approve_decommission, or when unset: whether the old instance is deleted."""
+        if self.approve_decommission is None:
+            return self.decommission == "delete"
+        return self.approve_decommission
 
     @property
     def target_major(self) -> int:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 import time
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import psycopg2
 from psycopg2 import errorcodes
 
@@ -34,6 +37,36 @@ SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, r.rolbypass
        ARRAY(SELECT g.rolname FROM pg_roles g WHERE g.rolname = ANY(%s) AND pg_has_role(r.oid, g.oid, 'MEMBER'))
 FROM pg_roles r WHERE r.rolname = current_user
 """
+
+
+@dataclass
+class HealthReport:
+    """What a phase's health check found, sorted by what happens next:
+    problems: the phase fails and traffic returns to the last healthy split;
+    lag_high: lag above the threshold is waited for, then an operator decides (lag_causes name what holds it back);
+    conflicts: new replication conflicts, one line per row: an operator decides (accept, or roll back)."""
+
+    lag: Any
+    threshold_bytes: int
+    problems: list[str] = field(default_factory=list)
+    lag_causes: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+    @property
+    def lag_high(self) -> bool:
+        return self.lag.bytes is not None and self.lag.bytes > self.threshold_bytes
+
+    @property
+    def healthy(self) -> bool:
+        return not (self.problems or self.lag_high or self.conflicts)
+
+    def all_problems(self) -> list[str]:
+        lag = [f"replication lag {self.lag.bytes} bytes above the threshold {self.threshold_bytes}"] if self.lag_high else []
+        return self.problems + lag + self.lag_causes + self.conflicts
+
+    def __iter__(self):
+        """(every problem, lag): what health_check returned before the report sorted them."""
+        return iter((self.all_problems(), self.lag))
 
 
 def probe_problems(endpoint: Endpoint, credentials: Credentials, probes: tuple[str, ...], budget_ms: int) -> list[str]:

@@ -37,8 +37,15 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+# The run as a whole, in the record's `run_state`; `state` is the state of `step`, the last step that reported.
+RUNNING, SUCCESS, FAILED, HALTED, AWAITING_INPUT = "running", "success", "failed", "halted", "awaiting_input"
+ERROR_LINE_CHARS = 300
+
+
 def progress_record(*, dag_id: str, run_id: str, conf: dict, step: str, state: str, **extra: Any) -> dict:
-    return {"dag_id": dag_id, "run_id": run_id, "conf": conf, "step": step, "state": state, "updated_at": now(), **extra}
+    run_state = AWAITING_INPUT if state == AWAITING_INPUT else RUNNING
+    return {"dag_id": dag_id, "run_id": run_id, "conf": conf, "step": step, "state": state, "run_state": run_state,
+            "updated_at": now(), **extra}
 
 
 def with_lag(record: dict, lag_bytes: int | None, at: str | None = None) -> dict:
@@ -53,8 +60,22 @@ def with_lag(record: dict, lag_bytes: int | None, at: str | None = None) -> dict
     return {**record, "replication_lag_bytes": lag_bytes, "lag_measured_at": at, "lag_history": history}
 
 
-def halt_record(*, run_id: str, requested_by: str, reason: str, rollback_run_id: str) -> dict:
-    return {"run_id": run_id, "requested_by": requested_by, "reason": reason, "rollback_run_id": rollback_run_id, "at": now()}
+def halt_record(*, run_id: str, requested_by: str, reason: str, rollback_run_id: str, triggered_by: str | None = None) -> dict:
+    """requested_by: who asked (free text, or a gate's answerer); triggered_by: the authenticated user who triggered
+    the rollback run (Airflow's own record of it), when known."""
+    return {"run_id": run_id, "requested_by": requested_by, "reason": reason, "rollback_run_id": rollback_run_id,
+            "triggered_by": triggered_by, "at": now()}
+
+
+def error_line(error: BaseException | str | None, redact=lambda text: text) -> str | None:
+    """The first line of an error, shortened, passed through `redact` (the orchestrator's secrets masker)."""
+    if error is None:
+        return None
+    text = str(error).strip() or type(error).__name__
+    line = str(redact(text.splitlines()[0]))
+    if isinstance(error, BaseException) and not line.startswith(type(error).__name__):
+        line = f"{type(error).__name__}: {line}"
+    return line if len(line) <= ERROR_LINE_CHARS else line[: ERROR_LINE_CHARS - 3] + "..."
 
 
 def check_not_halted(halt: dict | None, run_id: str) -> None:

@@ -397,26 +397,31 @@ class Upgrade:
         """Where each node's conflict history stands now (active-active drivers); {} when the driver has none."""
         return self.driver().conflict_marks()
 
-    def health_check(self, conflict_baseline: dict | None = None) -> tuple[list[str], Lag]:
-        """Problems after a phase, and the lag measured for them.
+    def health_check(self, conflict_baseline: dict | None = None) -> health.HealthReport:
+        """What a phase's checks find, sorted by what happens next (see health.HealthReport).
         conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count."""
         driver = self.driver()
         if conflict_baseline is not None:
             driver.conflict_baseline = conflict_baseline
-        problems = driver.problems()
+        problems = driver.problems(conflicts=False)
+        conflicts = driver.conflicts()
         lag = driver.lag()
-        if lag.bytes is not None and lag.bytes > self.request.lag_threshold_bytes:
-            problems.append(f"replication lag {lag.bytes} bytes above the threshold {self.request.lag_threshold_bytes}")
+        report = health.HealthReport(lag=lag, threshold_bytes=self.request.lag_threshold_bytes, problems=problems,
+                                     conflicts=conflicts)
+        if report.lag_high:
+            report.lag_causes = driver.lag_causes(lag)
         probe_problems = self._probe_problems()
-        problems += probe_problems
+        report.problems += probe_problems
         reachable = not any(p.startswith("target does not accept connections") for p in probe_problems)
         if self.probe is not None and reachable:
             try:
-                problems += self.compare_latency().problems
+                report.problems += self.compare_latency().problems
             except psycopg2.Error as error:  # a node unreachable now: the phase cannot be judged healthy
-                problems.append(f"latency comparison could not run: {type(error).__name__}: {str(error).strip()[:200]}")
-        emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
-        return problems, lag
+                report.problems.append(
+                    f"latency comparison could not run: {type(error).__name__}: {str(error).strip()[:200]}")
+        emit("health_checked", problems=len(report.problems), conflicts=len(conflicts), lag_bytes=lag.bytes,
+             lag_high=report.lag_high)
+        return report
 
     def _probe_problems(self) -> list[str]:
         """The probes run as their own read-only role only, never as the admin."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.airflow_real.runs import forget_earlier_upgrades
 from topology.airflow_local import LocalAirflow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,3 +43,12 @@ def airflow(topology, tmp_path_factory):
     instance.start(timeout=180)
     yield instance
     instance.stop()
+
+
+@pytest.fixture
+def ready(airflow, fresh_databases):
+    """Both DAGs parsed and unpaused, fresh databases, and no record of an earlier test's upgrade."""
+    airflow.wait_for_dag("pgactive_rolling_upgrade")
+    airflow.wait_for_dag("pgactive_upgrade_rollback")
+    forget_earlier_upgrades(airflow)
+    return airflow, fresh_databases

@@ -53,7 +53,7 @@ def test_whole_upgrade_runs_on_a_celery_worker_and_moves_every_row(celery_airflo
     airflow, topo = celery_airflow, fresh_databases
     airflow.wait_for_dag(UPGRADE)
     started = time.monotonic()
-    run_id = airflow.trigger(UPGRADE, {**demo_conf(topo), "phase_settle_seconds": 1})
+    run_id = airflow.trigger(UPGRADE, {**demo_conf(topo), "phase_settle_seconds": 1, "approve_decommission": False})
     state = airflow.wait_for_run(UPGRADE, run_id, timeout=600)
     assert state == "success", states_of(airflow, UPGRADE, run_id)
     print(f"whole DAG on the Celery executor: {time.monotonic() - started:.1f} s")

@@ -12,7 +12,7 @@ import pytest
 
 from pgactive_upgrade import switch_state
 from tests.airflow_real.runs import states_of, wait_for_state
-from tests.airflow_real.test_phases_and_rollback import ROLLBACK, UPGRADE, ready  # noqa: F401 (fixture)
+from tests.airflow_real.test_phases_and_rollback import ROLLBACK, UPGRADE
 from topology import faults
 from topology.demo import demo_conf
 

@@ -10,7 +10,7 @@ from datetime import datetime
 import psycopg2
 import pytest
 
-from tests.airflow_real.runs import forget_earlier_upgrades, states_of, wait_for_state
+from tests.airflow_real.runs import states_of, wait_for_state
 from topology.airflow_local import AirflowApiError
 from topology.demo import demo_conf
 
@@ -18,14 +18,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 
 UPGRADE, ROLLBACK = "pgactive_rolling_upgrade", "pgactive_upgrade_rollback"
 FAIL_PROBE = "SELECT 1 / (to_regclass('public.fail_probe') IS NULL)::int"
-
-
-@pytest.fixture
-def ready(airflow, fresh_databases):
-    airflow.wait_for_dag(UPGRADE)
-    airflow.wait_for_dag(ROLLBACK)
-    forget_earlier_upgrades(airflow)
-    return airflow, fresh_databases
 
 
 def times_of(airflow, run_id: str) -> dict[str, tuple[datetime, datetime]]:

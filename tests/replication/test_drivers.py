@@ -166,10 +166,14 @@ def test_a_conflict_on_both_nodes_is_reported(driver, topology, pgactive_only):
                              for s in (topology.old_pg, topology.new_pg)], what="the row on both")
 
     assert any("conflict" in problem for problem in problems), problems
+    named = driver.conflicts()  # what the phase's decision gate shows the operator, row by row
+    assert named and all("conflict_id" in row and "billing.invoice_lines" in row for row in named), named
+    assert not any("conflict" in problem for problem in driver.problems(conflicts=False))
     wait_for(lambda: len({sql_one(s, "SELECT sku FROM billing.invoice_lines WHERE invoice_id = 424242")
                           for s in (topology.old_pg, topology.new_pg)}) == 1, what="both nodes agree on the winner")
     driver.conflict_baseline = driver.conflict_marks()
     assert not any("conflict" in problem for problem in driver.problems())
+    assert driver.conflicts() == [], "accepted conflicts are not named again"
     assert skus
 
 

@@ -9,13 +9,16 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import rds
-from pgactive_upgrade.airflow import operators, rds_triggers, triggers
+from pgactive_upgrade.airflow import gates, operators, rds_triggers, triggers
 
 NODE = {"identifier": "orders-db", "host": "127.0.0.1", "port": 5432, "dbname": "app"}
 TRIGGERS = [
     triggers.ReplicationLagTrigger(driver="native", source=NODE, target={**NODE, "identifier": "orders-db-pg17"},
                                    db_conn_id="pgu_db_admin", replication_user="replicator", threshold_bytes=1024,
                                    escalate_after_seconds=900, halt_key="pgactive_upgrade__orders-db__halt", run_id="r1"),
+    triggers.ReplicationLagTrigger(driver="native", source=NODE, target={**NODE, "identifier": "orders-db-pg17"},
+                                   db_conn_id="pgu_db_admin", replication_user="replicator", threshold_bytes=1024,
+                                   escalate_after_seconds=60, halt_key="h", run_id="r1", fire_on_escalation=True),
     triggers.PhaseGateTrigger(dag_id="pgactive_rolling_upgrade", run_id="r1", check_task_id="traffic_phase.health_check",
                               previous_index=0, halt_key="h"),
     triggers.SwitchWatchdogTrigger(source=NODE, db_conn_id="pgu_db_admin", key="pgu_orders_db",
@@ -56,6 +59,8 @@ RESUMES = [
     (operators.ConfigureParametersOperator(task_id="configure_parameters"), "resume_after_wait", {"status": "pending"}),
     (operators.PhaseHealthCheckOperator(task_id="check", percent=10), "check_after_settle", {"status": "late"}),
     (operators.BuildReplicationOperator(task_id="build_replication"), "after_join", {"status": "joining"}),
+    (operators.PhaseHealthCheckOperator(task_id="check", percent=10), "after_lag_wait", {"status": "settled"}),
+    (gates.PhaseDecisionOperator(task_id="decide", check_task_id="check"), "after_waiting", {"status": "settled"}),
 ]
 
 
@@ -82,3 +87,16 @@ def test_new_conflicts_count_from_the_baseline_an_operator_saw():
     assert new_conflicts({"orders-db": 4, "orders-db-pg17": 2}, {"orders-db": 7, "orders-db-pg17": 2}) == 3
     assert new_conflicts(None, {"orders-db": 2}) == 2
     assert new_conflicts({"orders-db": 9}, {"orders-db": 3}) == 0, "a history cleaned meanwhile counts nothing"
+
+
+def test_gates_are_the_providers_hitl_operator_and_accept_every_answer_they_may_offer():
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    for gate in (gates.ApprovalGateOperator(task_id="approve_cutover", before="cutover"),
+                 gates.PhaseDecisionOperator(task_id="decide", check_task_id="check")):
+        assert isinstance(gate, HITLOperator)
+        gate.validate_chosen_options([gates.STOP])
+        with pytest.raises(ValueError):
+            gate.validate_chosen_options(["Proceed anyway"])
+    with pytest.raises(ValueError, match="before: expected cutover or decommission"):
+        gates.ApprovalGateOperator(task_id="approve", before="verify")

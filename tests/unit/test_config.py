@@ -114,6 +114,12 @@ REJECTIONS = [
     single("latency_top_statements", 21, "greater than the maximum of 20"),
     single("analyze_parallelism", 0, "less than the minimum of 1"),
     single("plan_only", "true", "is not of type 'boolean'"),
+    # human gates
+    single("approve_cutover", "no", "is not of type 'boolean'"),
+    single("approve_decommission", "yes", "is not of type 'boolean', 'null'"),
+    single("gate_timeout_minutes", 0, "less than the minimum of 1"),
+    single("gate_timeout_minutes", 10081, "greater than the maximum of 10080"),
+    single("gate_timeout_answer", "Continue", "is not one of ['Stop', 'Roll back']"),
     # integers
     single("phase_settle_seconds", -1, "less than the minimum of 0"),
     single("phase_settle_seconds", 3601, "greater than the maximum of 3600"),
@@ -199,6 +205,14 @@ def test_every_field_has_a_rejection_case():
 def test_rejection_names_the_field_and_what_was_expected(case: Rejection):
     problems = problems_of({**MINIMAL, **case.patch})
     assert_reported(problems, case.path, case.expected)
+
+
+@pytest.mark.parametrize("decommission, approve, asks", [
+    ("delete", None, True), ("keep", None, False), ("delete", False, False), ("keep", True, True)])
+def test_approval_before_decommission_defaults_to_on_when_the_old_instance_is_deleted(decommission, approve, asks):
+    request = validate({**MINIMAL, "decommission": decommission, "approve_decommission": approve})
+    assert request.asks_before_decommission is asks
+    assert request.approve_cutover is False and request.gate_timeout_answer == "Stop"
 
 
 def test_minimal_conf_gets_the_defaults():
@@ -314,6 +328,10 @@ def test_full_conf_round_trips_into_upgrade_request():
         "shift_percentages": [5, 25, 75],
         "shift_mode": "units",
         "allow_source_reboot": True,
+        "approve_cutover": True,
+        "approve_decommission": False,
+        "gate_timeout_minutes": 30,
+        "gate_timeout_answer": "Roll back",
         "health_probes": ["SELECT count(*) FROM sales.orders"],
         "probe_budget_ms": 250,
         "verify_parallelism": 8,
@@ -346,7 +364,8 @@ def test_full_conf_round_trips_into_upgrade_request():
         replication_driver="native",
         filters=Filters(include_schemas=("sales", "billing"), exclude_schemas=("audit",), include_tables=("sales.orders",),
                         exclude_tables=("billing.tmp",)),
-        shift_percentages=(5, 25, 75), shift_mode="units", allow_source_reboot=True,
+        shift_percentages=(5, 25, 75), shift_mode="units", allow_source_reboot=True, approve_cutover=True,
+        approve_decommission=False, gate_timeout_minutes=30, gate_timeout_answer="Roll back",
         health_probes=("SELECT count(*) FROM sales.orders",), probe_budget_ms=250, verify_parallelism=8,
         max_latency_ratio=2.5, latency_floor_ms=20, latency_top_statements=3, analyze_parallelism=2, plan_only=True,
         rds_poll_seconds=5, phase_settle_seconds=0, lag_threshold_bytes=1 << 40, lag_escalation_minutes=1440,

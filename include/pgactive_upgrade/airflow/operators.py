@@ -232,21 +232,8 @@ class WaitForSyncSensor(BaseSensorOperator):
         if lag.within(request.lag_threshold_bytes):
             emit("in_sync", lag_bytes=lag.bytes, detail=lag.detail)
             return {"lag_bytes": lag.bytes, "deferred": False}
-        link = upgrade.link()
         self.defer(
-            trigger=ReplicationLagTrigger(
-                driver=request.replication_driver,
-                source=_node_spec(link.source),
-                target=_node_spec(link.target),
-                db_conn_id=request.db_conn_id,
-                replication_user=upgrade.replication.user,
-                threshold_bytes=request.lag_threshold_bytes,
-                escalate_after_seconds=request.lag_escalation_minutes * 60,
-                halt_key=progress.halt_key(request.source_identifier),
-                run_id=context["run_id"],
-                poll_interval=self.poll_interval,
-                source_identifier=request.source_identifier,
-            ),
+            trigger=lag_trigger(upgrade, context, self.poll_interval),
             method_name="execute_complete",
             timeout=self.timeout if self.timeout is None else timedelta(seconds=float(self.timeout)),
         )
@@ -262,6 +249,26 @@ class WaitForSyncSensor(BaseSensorOperator):
         state.record_step(context, request.source_identifier, self.task_id, "done")
         state.record_lag(request.source_identifier, context["run_id"], event["lag_bytes"])
         return {"lag_bytes": event["lag_bytes"], "deferred": True, "polls": event["polls"]}
+
+
+def lag_trigger(upgrade: Upgrade, context, poll_interval: float, fire_on_escalation: bool = False) -> ReplicationLagTrigger:
+    """Waits for the lag to come under lag_threshold_bytes; past lag_escalation_minutes it logs an escalation, or
+    with fire_on_escalation ends the wait so an operator decides."""
+    request, link = upgrade.request, upgrade.link()
+    return ReplicationLagTrigger(
+        driver=request.replication_driver,
+        source=_node_spec(link.source),
+        target=_node_spec(link.target),
+        db_conn_id=request.db_conn_id,
+        replication_user=upgrade.replication.user,
+        threshold_bytes=request.lag_threshold_bytes,
+        escalate_after_seconds=request.lag_escalation_minutes * 60,
+        halt_key=progress.halt_key(request.source_identifier),
+        run_id=context["run_id"],
+        poll_interval=poll_interval,
+        source_identifier=request.source_identifier,
+        fire_on_escalation=fire_on_escalation,
+    )
 
 
 def _node_spec(node) -> dict:
@@ -330,13 +337,16 @@ class ShiftPhaseOperator(UpgradeStepOperator):
 
 
 class PhaseHealthCheckOperator(UpgradeStepOperator):
-    """Settle, then check; on a failure, back to the last healthy split and stop the run for an operator."""
+    """Settle, then check. A failed check: back to the last healthy split and stop the run for an operator. Lag above
+    the threshold: waited for (deferred) up to lag_escalation_minutes, then, like new conflicts, handed to the
+    phase's decision gate (the task after this one), the split held meanwhile."""
 
     template_fields = ("percent",)
 
-    def __init__(self, *, percent: Any, **kwargs):
+    def __init__(self, *, percent: Any, poll_interval: float = 5.0, **kwargs):
         super().__init__(**kwargs)
         self.percent = percent
+        self.poll_interval = poll_interval
 
     def execute(self, context) -> Any:
         upgrade = upgrade_from(context)
@@ -358,24 +368,52 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         state.record_step(context, upgrade.request.source_identifier, self.task_id, "done", **self.progress_fields(result))
         return result
 
+    def after_lag_wait(self, context, event: dict[str, Any] | None = None) -> Any:
+        event = checked_event(event, "halted", "synced", "escalated")
+        if event["status"] == "halted":
+            raise AirflowFailException(f"halted by rollback while waiting for lag: {event['halt']}")
+        if event["status"] == "synced":  # check everything again: other problems may have appeared meanwhile
+            return self.check_after_settle(context, {"status": "settled"})
+        upgrade = upgrade_from(context)
+        emit("lag_escalated", percent=int(self.percent), lag_bytes=event["lag_bytes"], waited_s=event["waited_s"])
+        causes = upgrade.driver().lag_causes(upgrade.lag())
+        result = {"percent": int(self.percent), "healthy": False, "gate": "lag", "lag_bytes": event["lag_bytes"],
+                  "waited_s": event["waited_s"], "lag_causes": causes[:5]}
+        state.record_step(context, upgrade.request.source_identifier, self.task_id, "done", **self.progress_fields(result))
+        return result
+
     def step(self, upgrade, context):
         source = upgrade.request.source_identifier
         baseline = (state.read(progress.record_key(source)) or {}).get("conflict_baseline")
-        problems, lag = upgrade.health_check(baseline)
-        state.record_lag(source, context["run_id"], lag.bytes)  # a failing check's lag belongs in the chart too
+        report = upgrade.health_check(baseline)
+        state.record_lag(source, context["run_id"], report.lag.bytes)  # a failing check's lag belongs in the chart too
         _report_conflicts(upgrade, baseline)
         comparison = upgrade.last_latency
         if comparison is not None:
             self.log.info("Latency, target against source (%s):\n%s", comparison.statements_from,
                           "\n".join(f"  {c['name']}: source {c['source_ms']} ms, target {c['target_ms']} ms"
                                     for c in comparison.compared) or "  nothing compared")
-        if not problems:
-            return {"percent": int(self.percent), "healthy": True, "lag_bytes": lag.bytes,
-                    "latency": comparison.as_dict() if comparison else None}
-        if comparison is not None and comparison.regressed:
-            self.log.error("Plans of the statements slower on the target:\n%s", comparison.explained())
-        # The failed task's result: what regressed, with both plans side by side.
-        context["ti"].xcom_push(key="latency", value=comparison.as_dict() if comparison else None)
+        if report.problems:
+            if comparison is not None and comparison.regressed:
+                self.log.error("Plans of the statements slower on the target:\n%s", comparison.explained())
+            # The failed task's result: what regressed, with both plans side by side.
+            context["ti"].xcom_push(key="latency", value=comparison.as_dict() if comparison else None)
+            self._fail_phase(upgrade, context, report.all_problems())
+        if report.conflicts:  # the operator judges them at the decision gate; only newer ones count afterwards
+            state.record_step(context, source, self.task_id, "running", conflict_baseline=upgrade.conflict_marks())
+            emit("conflicts_found", percent=int(self.percent), conflicts=len(report.conflicts), first=report.conflicts[0])
+            return {"percent": int(self.percent), "healthy": False, "gate": "conflicts", "lag_bytes": report.lag.bytes,
+                    "conflicts": report.conflicts[:20]}
+        if report.lag_high:
+            emit("lag_high", percent=int(self.percent), lag_bytes=report.lag.bytes, causes=report.lag_causes)
+            self.defer(trigger=lag_trigger(upgrade, context, self.poll_interval, fire_on_escalation=True),
+                       method_name="after_lag_wait",
+                       timeout=timedelta(minutes=upgrade.request.lag_escalation_minutes + 10))
+        return {"percent": int(self.percent), "healthy": True, "lag_bytes": report.lag.bytes,
+                "latency": comparison.as_dict() if comparison else None}
+
+    def _fail_phase(self, upgrade: Upgrade, context, problems: list[str]) -> None:
+        source = upgrade.request.source_identifier
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
         state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
         with upgrade.acting(halted_check(context, upgrade)) as connection:  # a rollback owns the traffic once halted
@@ -568,12 +606,15 @@ class RollbackOperator(BaseOperator):
                 f"{record['detached']}; it no longer receives writes, and returning traffic to it would lose them"
             )
         request = config.validate(record["conf"])
-        requested_by = ask.requested_by or _triggering_user(context)
+        triggered_by = _triggering_user(context)  # the authenticated user of this run, whatever requested_by says
+        requested_by = ask.requested_by or triggered_by
         halt = progress.halt_record(
-            run_id=record["run_id"], requested_by=requested_by, reason=ask.reason, rollback_run_id=context["run_id"]
+            run_id=record["run_id"], requested_by=requested_by, reason=ask.reason, rollback_run_id=context["run_id"],
+            triggered_by=triggered_by,
         )
         state.write(progress.halt_key(ask.source_identifier), halt)
-        emit("rollback_requested", upgrade_run=record["run_id"], by=requested_by, reason=ask.reason, step=record.get("step"))
+        emit("rollback_requested", upgrade_run=record["run_id"], by=requested_by, triggered_by=triggered_by,
+             run_type=str(getattr(context["dag_run"], "run_type", "")), reason=ask.reason, step=record.get("step"))
         record = state.read(key) or record  # read again after the halt: a step may have ended (or begun) meanwhile
         early = record.get("step") not in CUTOVER_OR_LATER and early_switch_to_source(request.traffic)
         upgrade = upgrade_from_conf(record["conf"])
@@ -584,10 +625,12 @@ class RollbackOperator(BaseOperator):
         except LockBusy as error:
             moved = "; every route was already sent back to the source" if early else ""
             raise AirflowFailException(f"the rollback set the halt flag{moved}, and then: {error}") from error
-        state.merge(key, {"state": "rolled_back", "rollback": halt, "split": result["split"], "writer": "source"})
+        state.merge(key, {"state": "rolled_back", "run_state": progress.HALTED, "halted_by": halt, "rollback": halt,
+                          "split": result["split"], "writer": "source"})
         metrics.rollback(ask.source_identifier, result["total_ms"], result["split"])
         emit("rolled_back", upgrade_run=record["run_id"], total_ms=result["total_ms"], after_cutover=result["after_cutover"])
-        return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "reason": ask.reason,
+        return {"upgrade_run_id": record["run_id"], "requested_by": requested_by, "triggered_by": triggered_by,
+                "reason": ask.reason,
                 "switched_before_waiting": early, **result}
 
 
@@ -597,7 +640,7 @@ WATCHDOG_TASK_ID = "cutover_watchdog"
 
 def under_dag_test(context) -> bool:
     return getattr(context["dag_run"], "triggering_user_name", None) == DAG_TEST_USER
-CUTOVER_OR_LATER = ("cutover", "verify", "detach_old_node", "decommission_source")
+CUTOVER_OR_LATER = ("cutover", "verify", "approve_decommission", "detach_old_node", "decommission_source")
 CLAIM_WAIT_SECONDS = 15
 
 

@@ -37,7 +37,7 @@ def _description(spec: dict) -> str:
 def _nullable(schema: dict) -> dict:
     """The form marks a field required unless its type admits null; validation then treats null as the default."""
     types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-    nullable = {**schema, "type": [*types, "null"]}
+    nullable = {**schema, "type": types if "null" in types else [*types, "null"]}
     if "enum" in schema:
         nullable["enum"] = [*schema["enum"], None]
     return nullable

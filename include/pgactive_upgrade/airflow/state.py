@@ -27,20 +27,19 @@ def merge(key: str, fields: dict[str, Any]) -> dict:
     return record
 
 
-# What happened to the databases outlives the run that did it: a cutover or a detach cannot be repeated.
-OUTLIVES_THE_RUN = ("cut_over", "detached")
-KEPT_WITHIN_THE_RUN = ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at",
-                       "statistics_progress", "extensions_updated", "lag_history", "write_unavailable_ms")
+KEPT_ACROSS_RUNS = ("cut_over", "detached")  # what happened to the databases outlives the run that did it
+KEPT_WITHIN_RUN = ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at", "gates",
+                   "statistics_progress", "extensions_updated", "lag_history", "write_unavailable_ms")
 
 
 def record_step(context, source_identifier: str, step: str, state: str, **extra: Any) -> None:
     dag_run = context["dag_run"]
     previous = read(progress.record_key(source_identifier)) or {}
     same_run = previous.get("run_id") == dag_run.run_id
-    kept = {k: v for k, v in previous.items() if k in OUTLIVES_THE_RUN or (same_run and k in KEPT_WITHIN_THE_RUN)}
+    kept = {k: v for k, v in previous.items() if k in KEPT_ACROSS_RUNS or (same_run and k in KEPT_WITHIN_RUN)}
     record = progress.progress_record(
         dag_id=dag_run.dag_id, run_id=dag_run.run_id, conf=dict(dag_run.conf or {}), step=step, state=state,
-        **{**kept, **extra},
+        triggered_by=getattr(dag_run, "triggering_user_name", None), **{**kept, **extra},
     )
     write(progress.record_key(source_identifier), record)
 
@@ -56,6 +55,22 @@ def record_lag(source_identifier: str, run_id: str, lag_bytes: int | None) -> di
     write(key, record)
     metrics.lag(source_identifier, lag_bytes)
     return record
+
+
+def merge_if_run(source_identifier: str, run_id: str, fields: dict[str, Any]) -> dict | None:
+    """Merge into the source's record only while it is this run's: a refused second run of the same source must not
+    overwrite the first one's record."""
+    key = progress.record_key(source_identifier)
+    record = read(key)
+    if not record or record.get("run_id") != run_id:
+        return None
+    return merge(key, fields)
+
+
+def append_gate(source_identifier: str, run_id: str, entry: dict[str, Any]) -> None:
+    record = read(progress.record_key(source_identifier)) or {}
+    if record.get("run_id") == run_id:
+        merge_if_run(source_identifier, run_id, {"gates": [*(record.get("gates") or []), entry]})
 
 
 def check_not_halted(context, source_identifier: str) -> None:

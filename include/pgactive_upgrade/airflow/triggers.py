@@ -20,7 +20,8 @@ from pgactive_upgrade.replication import Link, Node, driver_for
 
 
 class ReplicationLagTrigger(BaseTrigger):
-    """Fires when the replication lag is under the threshold with the initial copy done.
+    """Fires when the replication lag is under the threshold with the initial copy done; with fire_on_escalation,
+    also when it stayed above for escalate_after_seconds (`escalated`: an operator decides), else that is only logged.
 
     Carries no secrets: credentials are read from the named connection inside the triggerer.
     """
@@ -39,9 +40,11 @@ class ReplicationLagTrigger(BaseTrigger):
         run_id: str,
         poll_interval: float = 5.0,
         source_identifier: str | None = None,
+        fire_on_escalation: bool = False,
     ):
         """source_identifier: whose progress record gets each measurement (the page's lag chart)."""
         super().__init__()
+        self.fire_on_escalation = fire_on_escalation
         self.driver = driver
         self.source = source
         self.target = target
@@ -69,6 +72,7 @@ class ReplicationLagTrigger(BaseTrigger):
                 "halt_key": self.halt_key,
                 "run_id": self.run_id,
                 "poll_interval": self.poll_interval,
+                "fire_on_escalation": self.fire_on_escalation,
             },
         )
 
@@ -95,6 +99,10 @@ class ReplicationLagTrigger(BaseTrigger):
             if not escalated and waited > self.escalate_after_seconds:
                 escalated = True
                 emit("lag_escalation", lag_bytes=lag.bytes, waited_s=round(waited), detail=lag.detail)
+                if self.fire_on_escalation:
+                    yield TriggerEvent({"status": "escalated", "lag_bytes": lag.bytes, "waited_s": round(waited),
+                                        "polls": polls})
+                    return
             self.log.info("lag %s bytes, synced=%s, %.200s", lag.bytes, lag.synced, lag.detail)
             await asyncio.sleep(self.poll_interval)
 

@@ -131,12 +131,21 @@ class ReplicationDriver(ABC):
         """Where each node's conflict history stands now; {} for a driver that cannot conflict."""
         return {}
 
-    def problems(self) -> list[str]:
-        """Health problems of the replication right now; empty when healthy."""
+    def problems(self, conflicts: bool = True) -> list[str]:
+        """Health problems of the replication right now; empty when healthy.
+        conflicts: False leaves out the conflicts `conflicts()` names (a health check asks an operator about them)."""
         return self.lag_problems(self.lag()) + self.schema_problems()
 
     def lag_problems(self, lag: Lag) -> list[str]:
         return [] if lag.bytes is not None else [f"replication lag unknown: {lag.detail}"]
+
+    def lag_causes(self, lag: Lag) -> list[str]:
+        """While lag is above the threshold: what likely holds it back, named for the operator."""
+        return []
+
+    def conflicts(self) -> list[str]:
+        """Conflicts newer than conflict_baseline, one line per conflict row; [] for a driver that cannot conflict."""
+        return []
 
     def publishing_nodes(self) -> set[str]:
         """The nodes whose changes replicate to the other now: "source", "target" or both."""

@@ -203,15 +203,15 @@ class NativeDriver(ReplicationDriver):
         )
         return max(0, rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def problems(self) -> list[str]:
-        return super().problems() + self._unpublished_tables()
+    def problems(self, conflicts: bool = True) -> list[str]:
+        return super().problems(conflicts) + self._unpublished_tables()
 
     def publishing_nodes(self) -> set[str]:
         with self.target() as target:
             return {"source"} if self._subscribed(target, self.forward) else {"target"}
 
-    def lag_problems(self, lag: Lag) -> list[str]:
-        return super().lag_problems(lag) + self._open_transaction_behind(lag)
+    def lag_causes(self, lag: Lag) -> list[str]:
+        return self._open_transaction_behind(lag)
 
     def _open_transaction_behind(self, lag: Lag) -> list[str]:
         """An open transaction does not hold back the others' apply (each is sent at its commit, a large one

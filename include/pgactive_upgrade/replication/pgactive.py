@@ -37,6 +37,11 @@ _OWNER_GRANTS = (
 
 
 CONFLICT_EXPORT_TABLE = "pgactive_conflict_history_export"
+_NEW_CONFLICT_ROWS = (
+    "SELECT conflict_id, conflict_type::text, object_schema, object_name, conflict_resolution::text, "
+    "local_conflict_time FROM pgactive.pgactive_conflict_history WHERE conflict_id > %s "
+    "AND object_schema IS DISTINCT FROM 'pgactive' ORDER BY conflict_id LIMIT %s"
+)
 
 
 class JoinFailed(ReplicationError):
@@ -489,7 +494,7 @@ class PgactiveDriver(ReplicationDriver):
         except Exception:
             return False
 
-    def problems(self) -> list[str]:
+    def problems(self, conflicts: bool = True) -> list[str]:
         problems = []
         lag = self.lag()
         if lag.bytes is None:
@@ -510,7 +515,7 @@ class PgactiveDriver(ReplicationDriver):
                 continue
             if errors:
                 problems.append(f"{node.identifier}: pgactive worker errors: {errors}")
-            if new_conflicts:
+            if new_conflicts and conflicts:
                 problems.append(f"{node.identifier}: {new_conflicts} new pgactive conflict(s) in pgactive_conflict_history")
         return problems + self.schema_problems()
 
@@ -522,6 +527,17 @@ class PgactiveDriver(ReplicationDriver):
                 marks[node.identifier] = query(
                     connection, "SELECT coalesce(max(conflict_id), 0) FROM pgactive.pgactive_conflict_history")[0][0]
         return marks
+
+    def conflicts(self, limit: int = 20) -> list[str]:
+        """The conflict rows newer than the baseline on each node, named by node, id, table, type and resolution."""
+        named = []
+        for node in self.nodes:
+            baseline = (self.conflict_baseline or {}).get(node.identifier, 0)
+            with self._connect(node) as connection:
+                rows = query(connection, _NEW_CONFLICT_ROWS, (baseline, limit))
+            named += [f"{node.identifier}: conflict_id {conflict_id} {kind} on {schema}.{table}, {resolution}, "
+                      f"at {when:%Y-%m-%d %H:%M:%S}" for conflict_id, kind, schema, table, resolution, when in rows]
+        return named
 
     def _new_conflicts(self, connection, node: Node) -> int:
         baseline = (self.conflict_baseline or {}).get(node.identifier, 0)
