@@ -414,7 +414,7 @@ class Upgrade:
             try:
                 problems += self.compare_latency().problems
             except psycopg2.Error as error:  # a node unreachable now: the phase cannot be judged healthy
-                problems.append(f"latency comparison could not run: {type(error).__name__}: {str(error).strip()[:200]}")
+                problems.append(f"latency comparison could not run: {latency.reason(error)}")
         emit("health_checked", problems=len(problems), lag_bytes=lag.bytes)
         return problems, lag
 

@@ -145,3 +145,40 @@ def test_equal_nodes_pass_and_the_source_s_safe_top_statements_are_compared(even
     reasons = {s.get("statement", ""): s["reason"] for s in comparison.skipped}
     assert any("$1" in text and "has parameters" in reason for text, reason in reasons.items()), reasons
     assert any("FOR UPDATE" in text and "contains FOR" in reason for text, reason in reasons.items()), reasons
+
+
+def test_the_source_s_statements_leak_no_value_and_one_failing_only_on_the_target_fails_the_phase(events_table):
+    topo, upgrade = events_table
+    for server in (topo.old_pg, topo.new_pg):  # outside the publication: the same rows on both nodes
+        sql(server, "CREATE TABLE public.codes (code text)")
+        sql(server, "INSERT INTO public.codes VALUES ('123')")
+    sql(topo.old_pg, "CREATE TABLE public.old_only (a int)")  # a statement that works on the old node only
+    sql(topo.old_pg, "CREATE VIEW public.recent_events AS SELECT * FROM public.latency_events")
+    sql(topo.old_pg, "CREATE FUNCTION public.audit_fn(public.latency_events) RETURNS int LANGUAGE sql "
+                     "AS 'SELECT 1'")
+    with preloading_pg_stat_statements(topo.old_pg):
+        with closing(topo.old_pg.connect(dbname="app")) as app, app.cursor() as cursor:
+            for _ in range(30):
+                cursor.execute("SELECT max(code::int) FROM public.codes")  # fails once a row is not a number
+                cursor.execute("SELECT count(*) FROM public.old_only")
+                cursor.execute("SELECT count(*) FROM public.recent_events")  # a view: not run again
+                cursor.execute("SELECT e.audit_fn FROM public.latency_events e")  # audit_fn(e), attribute notation
+            app.rollback()
+        for server in (topo.old_pg, topo.new_pg):
+            sql(server, "INSERT INTO public.codes VALUES ('s3cret-value')")
+        in_sync(upgrade)
+
+        problems, _ = upgrade.health_check()
+
+    comparison = upgrade.last_latency
+    everything = repr(comparison.as_dict()) + repr(problems)
+    assert "s3cret-value" not in everything, everything
+    failed = [p for p in problems if "fails on the target" in p]
+    assert failed == [next(p for p in failed if "SELECT count(*) FROM public.old_only" in p)], problems
+    assert "fails on the target (SQLSTATE 42P01 (undefined_table)) but runs on the source" in failed[0]
+    reasons = {s.get("statement", ""): s["reason"] for s in comparison.skipped}
+    assert reasons["SELECT max(code::int) FROM public.codes"] == (
+        "failed on the source: SQLSTATE 22P02 (invalid_text_representation)"), reasons
+    assert "a view" in reasons["SELECT count(*) FROM public.recent_events"], reasons
+    assert "audit_fn, a function defined in the database" in reasons[
+        "SELECT e.audit_fn FROM public.latency_events e"], reasons
