@@ -4,12 +4,16 @@ reaches it, and each phase's health check compares latency with the source (loca
 from __future__ import annotations
 
 import re
+import threading
 import time
 from contextlib import closing, contextmanager
 
 import pytest
 
+from pgactive_upgrade import statistics
+from pgactive_upgrade.db import Credentials, Endpoint
 from tests.integration.integration_parts import replicating
+from topology.postgres import HOST
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +58,87 @@ def test_prepare_target_gives_every_replicated_table_statistics_and_updates_exte
     assert seen and seen[-1]["done"] == seen[-1]["total"] == result["statistics"]["analyzed"]
     again = upgrade.prepare_target()  # idempotent: nothing left to update
     assert again["extensions_updated"] == []
+
+
+def analyzed_tables(server, tables: list[str]) -> set[str]:
+    rows = sql(server, "SELECT schemaname || '.' || relname FROM pg_stat_all_tables WHERE analyze_count > 0 "
+                       "AND schemaname || '.' || relname = ANY(%s)", (tables,))
+    return {row[0] for row in rows}
+
+
+@pytest.fixture
+def target_tables(build):
+    """Three tables of the admin's on the target, the login `app` owns none of them, autovacuum off."""
+    topo, _ = build
+    tables = ["public.stats_a", "public.stats_b", "public.stats_c"]
+    for table in tables:
+        sql(topo.new_pg, f"DROP TABLE IF EXISTS {table}")
+        sql(topo.new_pg, f"CREATE TABLE {table} (id int) WITH (autovacuum_enabled = false)")
+        sql(topo.new_pg, f"INSERT INTO {table} SELECT generate_series(1, 1000)")
+    return topo, Endpoint(HOST, topo.new_pg.port, "app"), [tuple(t.split(".")) for t in tables]
+
+
+def test_analyze_by_a_login_that_may_not_fails_naming_the_tables_before_analyzing_any(target_tables):
+    topo, target, relations = target_tables
+    app = Credentials("app", topo.credentials["app"])  # ANALYZE would only warn "permission denied ..., skipping"
+    sql(topo.new_pg, "ALTER TABLE public.stats_a OWNER TO app")
+
+    with pytest.raises(statistics.AnalyzeFailed) as failed:
+        statistics.analyze(target, app, relations, parallelism=2)
+
+    assert "public.stats_b, public.stats_c" in str(failed.value) and "stats_a" not in str(failed.value)
+    assert analyzed_tables(topo.new_pg, ["public.stats_a", "public.stats_b", "public.stats_c"]) == set()
+
+
+def test_analyze_skips_a_dropped_table_with_a_note_and_gives_up_on_a_lock_held_too_long(target_tables):
+    topo, target, relations = target_tables
+    admin = Credentials("postgres", topo.credentials["postgres"])
+    result = statistics.analyze(target, admin, relations + [("public", "stats_gone")], parallelism=2)
+    assert result["analyzed"] == 3
+    assert result["skipped"] == [{"relation": "public.stats_gone", "note": "dropped since listed: not analyzed"}]
+
+    counts = dict(sql(topo.new_pg, "SELECT relname, analyze_count FROM pg_stat_all_tables WHERE relname LIKE 'stats_%'"))
+    with closing(topo.new_pg.connect(dbname="app")) as holder, holder.cursor() as cursor:
+        holder.autocommit = False
+        cursor.execute("LOCK TABLE public.stats_b IN ACCESS EXCLUSIVE MODE")  # held until the rollback
+        outcome: list = []
+        worker = threading.Thread(target=lambda: outcome.append(_raised(lambda: statistics.analyze(
+            target, admin, relations, parallelism=1, lock_timeout_ms=200, lock_tries=2))), daemon=True)
+        started = time.monotonic()
+        worker.start()
+        worker.join(20)
+        holder.rollback()
+    worker.join(10)
+    assert outcome, "ANALYZE waited on the lock for 20 s"
+    assert isinstance(outcome[0], statistics.AnalyzeFailed), outcome
+    assert "ANALYZE public.stats_b: its lock stayed taken" in str(outcome[0])
+    assert time.monotonic() - started < 10
+    # One at a time, in order: stats_a analyzed, stats_b given up on, stats_c never started (queued work cancelled).
+    time.sleep(1)  # the statistics collector's counters are flushed within a second
+    after = dict(sql(topo.new_pg, "SELECT relname, analyze_count FROM pg_stat_all_tables WHERE relname LIKE 'stats_%'"))
+    assert (after["stats_a"], after["stats_b"], after["stats_c"]) == (
+        counts["stats_a"] + 1, counts["stats_b"], counts["stats_c"]), (counts, after)
+
+
+def _raised(work):
+    try:
+        return work()
+    except Exception as error:  # the test inspects it
+        return error
+
+
+def test_prepare_target_analyzes_a_materialized_view_in_a_schema_whose_name_has_a_dot(build):
+    topo, make = build
+    sql(topo.old_pg, 'CREATE SCHEMA IF NOT EXISTS "we.ird"')
+    sql(topo.old_pg, 'CREATE MATERIALIZED VIEW IF NOT EXISTS "we.ird"."totals.mv" AS '
+                     "SELECT count(*) AS n FROM public.accounts")
+    upgrade = replicating(make(shift_percentages=[]), in_sync=True)
+
+    result = upgrade.prepare_target()
+
+    assert result["refreshed"] == ["we.ird.totals.mv"]
+    assert result["statistics"]["analyzed"] == len(upgrade.tables()) + 1
+    assert analyzed_tables(topo.new_pg, ["we.ird.totals.mv"]) == {"we.ird.totals.mv"}
 
 
 @pytest.fixture
