@@ -221,7 +221,7 @@ def _database_objects(connection) -> tuple[frozenset[str], dict[str, str]]:
                         "WHERE n.nspname <> 'pg_catalog'"))
         return functions, {name: kind for name, kind in query(connection, _OPAQUE_RELATIONS)}
     finally:
-        connection.rollback()
+        _rollback(connection)
 
 
 _HIDDEN_TEXT = "<insufficient privilege>"  # pg_stat_statements' text of another role's statement without pg_read_all_stats
@@ -273,7 +273,7 @@ def _statements_by_total_time(connection, limit: int) -> tuple[list[tuple], str 
     except psycopg2.Error as error:
         return [], reason(error)
     finally:
-        connection.rollback()
+        _rollback(connection)
 
 
 class _Failed(Exception):
@@ -391,7 +391,7 @@ def _in_read_only(connection, timeout_ms: int, work):
             cursor.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(timeout_ms)),))
             return work(cursor)
     finally:
-        connection.rollback()
+        _rollback(connection)
 
 
 def side_by_side(left: list[str], right: list[str], width: int = 72) -> str:
@@ -417,3 +417,9 @@ def reason(error: Exception) -> str:
     if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         return f"the connection failed or was lost ({type(error).__name__})"
     return type(error).__name__
+
+
+def _rollback(connection) -> None:
+    """Ends the READ ONLY transaction; a connection the server closed keeps the error that closed it."""
+    if not connection.closed:
+        connection.rollback()

@@ -3,6 +3,7 @@ reaches it, and each phase's health check compares latency with the source (loca
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -267,3 +268,65 @@ def test_the_source_s_statements_leak_no_value_and_one_failing_only_on_the_targe
     assert "a view" in reasons["SELECT count(*) FROM public.recent_events"], reasons
     assert "audit_fn, a function defined in the database" in reasons[
         "SELECT e.audit_fn FROM public.latency_events e"], reasons
+
+
+def prober_backends(server, where: str) -> int:
+    return sql(server, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'prober' AND " + where)[0][0]
+
+
+def test_a_connection_lost_during_the_comparison_fails_the_phase(events_table):
+    topo, upgrade = events_table
+    upgrade.request = dataclasses.replace(upgrade.request, health_probes=("SELECT pg_sleep(0.3)",))
+    killed: list = []
+
+    def kill_the_comparison_on_the_target() -> None:
+        deadline = time.monotonic() + 20
+        while not killed and time.monotonic() < deadline:
+            killed.extend(sql(topo.new_pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                           "usename = 'prober' AND state = 'active' AND query LIKE 'EXPLAIN (ANALYZE%'"))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_comparison_on_the_target, daemon=True)
+    killer.start()
+    problems, _ = upgrade.health_check()
+    killer.join(25)
+
+    assert killed, "the comparison's session on the target was never seen"
+    # libpq reports the termination with its SQLSTATE or, when the socket closed first, as a lost connection.
+    assert problems in (["latency comparison could not run: SQLSTATE 57P01 (admin_shutdown)"],
+                        ["latency comparison could not run: the connection failed or was lost (OperationalError)"]), problems
+
+
+def test_a_timeout_of_the_warm_up_run_on_a_cold_target_does_not_count(events_table):
+    topo, upgrade = events_table
+    upgrade.request = dataclasses.replace(upgrade.request, health_probes=())
+    with preloading_pg_stat_statements(topo.old_pg):
+        with closing(topo.old_pg.connect(dbname="app")) as app, app.cursor() as cursor:
+            for _ in range(30):
+                cursor.execute("SELECT count(*) FROM public.latency_events")
+        in_sync(upgrade)
+        seen: list = []
+        with closing(topo.new_pg.connect(dbname="app")) as holder, holder.cursor() as cursor:
+            holder.autocommit = False
+            cursor.execute("LOCK TABLE public.latency_events IN ACCESS EXCLUSIVE MODE")  # the warm-up run waits
+
+            def release_once_the_warm_up_gave_up() -> None:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    waiting = prober_backends(topo.new_pg, "wait_event_type = 'Lock'")
+                    if seen and not waiting:
+                        break
+                    if waiting:
+                        seen.append(waiting)
+                    time.sleep(0.01)
+                holder.rollback()
+
+            releaser = threading.Thread(target=release_once_the_warm_up_gave_up, daemon=True)
+            releaser.start()
+            problems, _ = upgrade.health_check()
+            releaser.join(25)
+
+    assert seen, "the warm-up run never waited for the lock"
+    assert problems == [], problems
+    [row] = [c for c in upgrade.last_latency.compared if c["statement"] == "SELECT count(*) FROM public.latency_events"]
+    assert len(row["target_runs"]) == 5 and "target_error" not in row, row
