@@ -145,6 +145,7 @@ class Statement:
     name: str
     text: str
     explainable: bool = True  # False: timed by the client (EXPLAIN refuses it, e.g. SHOW)
+    from_source: bool = False  # one of the source's statements (pg_stat_statements), not a probe from the conf
 
 
 @dataclass
@@ -245,7 +246,7 @@ def top_of_source(connection, wanted: int, user_functions: frozenset[str],
             text or "", user_functions, opaque_relations)
         name = f"pg_stat_statements queryid {queryid}"
         if reason is None:
-            found.append(Statement(name, text.strip().rstrip(";")))
+            found.append(Statement(name, text.strip().rstrip(";"), from_source=True))
             if len(found) == wanted:
                 break
         else:
@@ -292,6 +293,10 @@ def _compare_one(comparison: Comparison, statement: Statement, on_source, on_tar
     target_timed_out = False
     try:
         statement = replace(statement, explainable=_explainable(on_source, statement, timeout_ms))
+        hidden = _reads_foreign_data(on_source, statement, timeout_ms) if statement.from_source else None
+        if hidden:
+            comparison.skipped.append({"name": statement.name, "reason": hidden, "statement": _short(statement.text)})
+            return
         for run in range(RUNS + 1):
             source_runs += _measured("source", on_source, statement, timeout_ms, warming=run == 0)
             if not target_timed_out:
@@ -342,6 +347,29 @@ def _timed(node: str, connection, statement: Statement, timeout_ms: int) -> floa
         raise  # the node is gone: the caller reports that the comparison could not run
     except psycopg2.Error as error:
         raise _Failed(node, error) from error
+
+
+def _reads_foreign_data(connection, statement: Statement, timeout_ms: int) -> str | None:
+    """Why not to run it again when its plan (EXPLAIN VERBOSE, not executed) scans a foreign table, e.g. a foreign
+    partition of a table the statement names."""
+    def plan(cursor):
+        cursor.execute("EXPLAIN (VERBOSE, FORMAT JSON) " + statement.text)
+        return cursor.fetchone()[0][0]["Plan"]
+
+    try:
+        pending = [_in_read_only(connection, timeout_ms, plan)]
+    except psycopg2.errors.QueryCanceled as error:
+        raise _Failed("source", error) from error
+    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        raise
+    except psycopg2.Error as error:
+        raise _Failed("source", error) from error
+    while pending:
+        node = pending.pop()
+        if node.get("Node Type") in ("Foreign Scan", "Custom Scan"):
+            return f"its plan has a {node['Node Type']} (what it runs is not in the statement)"
+        pending += node.get("Plans", [])
+    return None
 
 
 def _explainable(connection, statement: Statement, timeout_ms: int) -> bool:
