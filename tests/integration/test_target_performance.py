@@ -270,10 +270,6 @@ def test_the_source_s_statements_leak_no_value_and_one_failing_only_on_the_targe
         "SELECT e.audit_fn FROM public.latency_events e"], reasons
 
 
-def prober_backends(server, where: str) -> int:
-    return sql(server, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'prober' AND " + where)[0][0]
-
-
 def test_a_connection_lost_during_the_comparison_fails_the_phase(events_table):
     topo, upgrade = events_table
     upgrade.request = dataclasses.replace(upgrade.request, health_probes=("SELECT pg_sleep(0.3)",))
@@ -311,14 +307,19 @@ def test_a_timeout_of_the_warm_up_run_on_a_cold_target_does_not_count(events_tab
             cursor.execute("LOCK TABLE public.latency_events IN ACCESS EXCLUSIVE MODE")  # the warm-up run waits
 
             def release_once_the_warm_up_gave_up() -> None:
+                """As soon as the statement first seen waiting is gone (the next run may already wait)."""
                 deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
-                    waiting = prober_backends(topo.new_pg, "wait_event_type = 'Lock'")
-                    if seen and not waiting:
-                        break
-                    if waiting:
-                        seen.append(waiting)
-                    time.sleep(0.01)
+                with closing(topo.new_pg.connect(dbname="app")) as watcher, watcher.cursor() as watch:
+                    watcher.autocommit = True
+                    while time.monotonic() < deadline:
+                        watch.execute("SELECT pid, query_start FROM pg_stat_activity WHERE usename = 'prober' "
+                                      "AND wait_event_type = 'Lock'")
+                        waiting = watch.fetchall()
+                        if seen and seen[0] not in waiting:
+                            break
+                        if waiting and not seen:
+                            seen.append(waiting[0])
+                        time.sleep(0.005)
                 holder.rollback()
 
             releaser = threading.Thread(target=release_once_the_warm_up_gave_up, daemon=True)
