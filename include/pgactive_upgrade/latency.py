@@ -339,12 +339,20 @@ def _measured(node: str, connection, statement: Statement, timeout_ms: int, warm
 
 
 def _timed(node: str, connection, statement: Statement, timeout_ms: int) -> float:
-    try:
+    with _failing_as(node):
         return _run(connection, statement, timeout_ms)
+
+
+@contextmanager
+def _failing_as(node: str) -> Iterator[None]:
+    """A statement's error as _Failed; a lost connection propagates (the caller reports that the comparison could
+    not run). A timeout is an OperationalError too, but the statement's own."""
+    try:
+        yield
     except psycopg2.errors.QueryCanceled as error:
         raise _Failed(node, error) from error
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
-        raise  # the node is gone: the caller reports that the comparison could not run
+        raise
     except psycopg2.Error as error:
         raise _Failed(node, error) from error
 
@@ -356,14 +364,8 @@ def _reads_foreign_data(connection, statement: Statement, timeout_ms: int) -> st
         cursor.execute("EXPLAIN (VERBOSE, FORMAT JSON) " + statement.text)
         return cursor.fetchone()[0][0]["Plan"]
 
-    try:
+    with _failing_as("source"):
         pending = [_in_read_only(connection, timeout_ms, plan)]
-    except psycopg2.errors.QueryCanceled as error:
-        raise _Failed("source", error) from error
-    except (psycopg2.OperationalError, psycopg2.InterfaceError):
-        raise
-    except psycopg2.Error as error:
-        raise _Failed("source", error) from error
     while pending:
         node = pending.pop()
         if node.get("Node Type") in ("Foreign Scan", "Custom Scan"):
@@ -374,17 +376,12 @@ def _reads_foreign_data(connection, statement: Statement, timeout_ms: int) -> st
 
 def _explainable(connection, statement: Statement, timeout_ms: int) -> bool:
     """EXPLAIN takes SELECT, VALUES, TABLE and the like; a probe such as SHOW is timed by the client."""
-    try:
-        _in_read_only(connection, timeout_ms, lambda cursor: cursor.execute("EXPLAIN " + statement.text))
-        return True
-    except psycopg2.errors.SyntaxError:
-        return False
-    except psycopg2.errors.QueryCanceled as error:
-        raise _Failed("source", error) from error
-    except (psycopg2.OperationalError, psycopg2.InterfaceError):
-        raise
-    except psycopg2.Error as error:
-        raise _Failed("source", error) from error
+    with _failing_as("source"):
+        try:
+            _in_read_only(connection, timeout_ms, lambda cursor: cursor.execute("EXPLAIN " + statement.text))
+            return True
+        except psycopg2.errors.SyntaxError:
+            return False
 
 
 def _run(connection, statement: Statement, timeout_ms: int) -> float:
