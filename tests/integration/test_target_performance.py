@@ -67,28 +67,36 @@ def analyzed_tables(server, tables: list[str]) -> set[str]:
     return {row[0] for row in rows}
 
 
-@pytest.fixture
-def target_tables(build):
-    """Three tables of the admin's on the target, the login `app` owns none of them, autovacuum off."""
-    topo, _ = build
+def stats_tables(server) -> list[tuple[str, str]]:
+    """Three tables of the admin's, autovacuum off."""
     tables = ["public.stats_a", "public.stats_b", "public.stats_c"]
     for table in tables:
-        sql(topo.new_pg, f"DROP TABLE IF EXISTS {table}")
-        sql(topo.new_pg, f"CREATE TABLE {table} (id int) WITH (autovacuum_enabled = false)")
-        sql(topo.new_pg, f"INSERT INTO {table} SELECT generate_series(1, 1000)")
-    return topo, Endpoint(HOST, topo.new_pg.port, "app"), [tuple(t.split(".")) for t in tables]
+        sql(server, f"DROP TABLE IF EXISTS {table}")
+        sql(server, f"CREATE TABLE {table} (id int) WITH (autovacuum_enabled = false)")
+        sql(server, f"INSERT INTO {table} SELECT generate_series(1, 1000)")
+    return [("public", t.split(".")[1]) for t in tables]
 
 
-def test_analyze_by_a_login_that_may_not_fails_naming_the_tables_before_analyzing_any(target_tables):
-    topo, target, relations = target_tables
-    app = Credentials("app", topo.credentials["app"])  # ANALYZE would only warn "permission denied ..., skipping"
-    sql(topo.new_pg, "ALTER TABLE public.stats_a OWNER TO app")
+@pytest.fixture
+def target_tables(build):
+    topo, _ = build
+    return topo, Endpoint(HOST, topo.new_pg.port, "app"), stats_tables(topo.new_pg)
+
+
+@pytest.mark.parametrize("node", ["new_pg", "old_pg"])  # PostgreSQL 17 (MAINTAIN) and 15 (ownership)
+def test_analyze_by_a_login_that_may_not_fails_naming_the_tables_before_analyzing_any(build, node):
+    topo, _ = build
+    server = getattr(topo, node)
+    relations = stats_tables(server)
+    # Neither the owner of stats_b and stats_c nor the database's: ANALYZE would only warn "..., skipping it".
+    login = Credentials("prober", topo.credentials["prober"])
+    sql(server, "ALTER TABLE public.stats_a OWNER TO prober")
 
     with pytest.raises(statistics.AnalyzeFailed) as failed:
-        statistics.analyze(target, app, relations, parallelism=2)
+        statistics.analyze(Endpoint(HOST, server.port, "app"), login, relations, parallelism=2)
 
     assert "public.stats_b, public.stats_c" in str(failed.value) and "stats_a" not in str(failed.value)
-    assert analyzed_tables(topo.new_pg, ["public.stats_a", "public.stats_b", "public.stats_c"]) == set()
+    assert analyzed_tables(server, ["public.stats_a", "public.stats_b", "public.stats_c"]) == set()
 
 
 def test_analyze_skips_a_dropped_table_with_a_note_and_gives_up_on_a_lock_held_too_long(target_tables):
