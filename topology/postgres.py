@@ -191,7 +191,8 @@ class Server:
                     sql.SQL("{} ROLE {} " + attributes + " PASSWORD %s").format(sql.SQL(verb), sql.Identifier(role)),
                     (self._credentials[role],),
                 )
-            cursor.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(PROBE_ROLE)))
+            for granted in ("pg_read_all_data", "pg_read_all_stats"):  # the tables; pg_stat_statements' texts
+                cursor.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(granted), sql.Identifier(PROBE_ROLE)))
         connection.close()
 
     @staticmethod

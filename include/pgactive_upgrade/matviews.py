@@ -30,8 +30,9 @@ WHERE d.refobjid <> r.ev_class
 """
 
 
-def refresh_all(connection, filters: Filters) -> list[str]:
-    """Refresh every selected materialized view, those it reads from first; returns them in that order.
+def refresh_all(connection, filters: Filters) -> list[tuple[str, str]]:
+    """Refresh every selected materialized view, those it reads from first; returns them, (schema, name), in that
+    order.
     A populated view with a usable unique index is refreshed CONCURRENTLY, so readers are not blocked."""
     views = {oid: (schema, name, concurrent) for oid, schema, name, concurrent
              in query(connection, _VIEWS, (list(SYSTEM_SCHEMAS),)) if filters.selects(schema, name)}
@@ -40,7 +41,7 @@ def refresh_all(connection, filters: Filters) -> list[str]:
         schema, name, concurrent = views[oid]
         verb = "REFRESH MATERIALIZED VIEW CONCURRENTLY {}" if concurrent else "REFRESH MATERIALIZED VIEW {}"
         execute(connection, sql.SQL(verb).format(qualified(schema, name)))
-        refreshed.append(f"{schema}.{name}")
+        refreshed.append((schema, name))
     return refreshed
 
 

@@ -251,8 +251,9 @@ class Upgrade:
         with connected(target, self.admin) as connection:
             extensions = statistics.update_extensions(connection)
         emit("extensions_updated", count=len(extensions), extensions=[e["name"] for e in extensions])
-        refreshed = self.refresh_materialized_views()["refreshed"]
-        relations = [(t.schema, t.name) for t in self.tables()] + [tuple(v.split(".", 1)) for v in refreshed]
+        views = self._refresh_materialized_views()
+        refreshed = [f"{schema}.{name}" for schema, name in views]
+        relations = [(t.schema, t.name) for t in self.tables()] + views
 
         def report(figures: dict) -> None:
             emit("analyze_progress", **figures)
@@ -265,10 +266,13 @@ class Upgrade:
     def refresh_materialized_views(self) -> dict:
         """Materialized views arrive empty on the target: refresh each there (after the initial sync, before reads
         move). Idempotent."""
+        return {"refreshed": [f"{schema}.{name}" for schema, name in self._refresh_materialized_views()]}
+
+    def _refresh_materialized_views(self) -> list[tuple[str, str]]:
         with connected(self.endpoint(self.target()), self.admin) as target:
             refreshed = matviews.refresh_all(target, self.request.filters)
-        emit("materialized_views_refreshed", count=len(refreshed), views=refreshed)
-        return {"refreshed": refreshed}
+        emit("materialized_views_refreshed", count=len(refreshed), views=[f"{s}.{n}" for s, n in refreshed])
+        return refreshed
 
     def provision_target(self) -> dict:
         if self.admin.token is not None and rds.describe_instance(self.rds_client, self.target_id) is None:
@@ -417,8 +421,7 @@ class Upgrade:
             try:
                 report.problems += self.compare_latency().problems
             except psycopg2.Error as error:  # a node unreachable now: the phase cannot be judged healthy
-                report.problems.append(
-                    f"latency comparison could not run: {type(error).__name__}: {str(error).strip()[:200]}")
+                report.problems.append(f"latency comparison could not run: {latency.reason(error)}")
         emit("health_checked", problems=len(report.problems), conflicts=len(conflicts), lag_bytes=lag.bytes,
              lag_high=report.lag_high)
         return report

@@ -149,7 +149,7 @@ def test_a_materialized_view_reading_another_through_a_plain_view_is_refreshed_a
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) > 0 FROM public.a_big_account_count")
             assert cursor.fetchone() == (True,)
-    assert refreshed == ["public.b_account_totals", "public.a_big_account_count"]
+    assert refreshed == [("public", "b_account_totals"), ("public", "a_big_account_count")]
 
 
 def test_ddl_on_the_source_after_the_schema_copy_is_named_by_the_health_check(build):

@@ -36,7 +36,9 @@ class UpgradeStepOperator(BaseOperator):
     ui_color = "#e8f4fd"
 
     def execute(self, context) -> Any:
-        upgrade = upgrade_from(context)
+        return self.run_step(upgrade_from(context), context)
+
+    def run_step(self, upgrade: Upgrade, context) -> Any:
         source = upgrade.request.source_identifier
         state.check_not_halted(context, source)
         state.record_step(context, source, self.task_id, "running")
@@ -115,7 +117,7 @@ class PreflightOperator(UpgradeStepOperator):
     def execute(self, context) -> Any:
         upgrade = upgrade_from(context)
         if not upgrade.request.plan_only:
-            return super().execute(context)
+            return self.run_step(upgrade, context)
         # plan_only: no record is written, and what blocks the run goes into the plan instead of failing here.
         try:
             return {**upgrade.preflight(), "blocking": []}
