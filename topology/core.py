@@ -120,7 +120,8 @@ class Topology:
         without TLS)."""
         return {
             "connections": {"db_conn_id": list(admin_conn_ids), "replication_conn_id": ["pgu_replication"],
-                            "probe_conn_id": ["pgu_probe"], "aws_conn_id": ["pgu_aws"]},
+                            # pgu_aws_slow: RDS through the harness's slow proxy (tests/airflow_real/test_rds_waits.py)
+                            "probe_conn_id": ["pgu_probe"], "aws_conn_id": ["pgu_aws", "pgu_aws_slow"]},
             "endpoint_override_targets": [f"{HOST}:*"],
             "sources": {"identifiers": list(sources)},
             "tls": {"local_only_no_tls": True},
