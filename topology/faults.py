@@ -70,9 +70,9 @@ class WritableProbe:
 
     def _loop(self, name: str) -> None:
         while not self._stop.is_set():
-            began = time.monotonic()
-            if writable(self.ports[name], self.password):
-                self.accepted[name].append((began, time.monotonic()))
+            accepted = insert_window(self.ports[name], self.password)
+            if accepted:
+                self.accepted[name].append(accepted)
             time.sleep(self.interval)
 
     def overlaps(self) -> int:
@@ -82,17 +82,25 @@ class WritableProbe:
 
 
 def writable(port: int, password: str) -> bool:
+    return insert_window(port, password) is not None
+
+
+def insert_window(port: int, password: str) -> tuple[float, float] | None:
+    """When the node accepted a rolled-back INSERT as the application role: the window from just before the statement
+    was sent to its answer (the connection's set-up is left out: on a busy machine it can take longer than the whole
+    fenced switch, and an interval including it would overlap the other node's without both taking writes)."""
     try:
         connection = psycopg2.connect(host="127.0.0.1", port=port, dbname=DATABASE, user=APP_ROLE, password=password,
                                       connect_timeout=1, application_name="writable_probe")
     except psycopg2.Error:
-        return False
+        return None
     try:
         with connection.cursor() as cursor:
+            began = time.monotonic()
             cursor.execute("INSERT INTO public.bench_log (client, seq) VALUES (-2, 1)")
-        return True
+            return began, time.monotonic()
     except psycopg2.Error:
-        return False
+        return None
     finally:
         try:
             connection.rollback()

@@ -137,10 +137,12 @@ def test_roll_back_answered_at_a_gate_halts_the_run_and_the_audit_names_who(read
     run_id = airflow.trigger(UPGRADE, conf)
     wait_for_state(airflow, UPGRADE, run_id, "approve_cutover", "awaiting_input", timeout=240)
     assert topo.haproxy.get_weight("pg_read", "target") == 40
+    earlier = {r["dag_run_id"] for r in airflow.api("GET", f"dags/{ROLLBACK}/dagRuns")["dag_runs"]}
     answer(airflow, run_id, "approve_cutover", "Roll back")
 
     rollback = wait_until(lambda: [r for r in airflow.api("GET", f"dags/{ROLLBACK}/dagRuns")["dag_runs"]
-                                   if r["conf"].get("source_instance") == SOURCE], 60, "the rollback run")[0]
+                                   if r["conf"].get("source_instance") == SOURCE and r["dag_run_id"] not in earlier],
+                          60, "the rollback run the answer triggered")[0]
     assert airflow.wait_for_run(ROLLBACK, rollback["dag_run_id"], timeout=120) == "success"
     assert airflow.wait_for_run(UPGRADE, run_id, timeout=120) == "failed"
     assert states_of(airflow, UPGRADE, run_id)["cutover"] != "success"
