@@ -121,6 +121,7 @@ class GateAnswerer:
             key = (ti["task_id"], ti.get("map_index", -1))
             if ti.get("state") != "awaiting_input" or not key[0].startswith("approve_") or key in self.answered:
                 continue
+            time.sleep(3)  # not before the gate's first process exited: an instant answer races Airflow (README)
             self.airflow.api("PATCH", f"dags/{DAG_ID}/dagRuns/{self.run_id}/taskInstances/{key[0]}/{key[1]}/hitlDetails",
                              {"chosen_options": ["Approve"], "params_input": {}})
             self.answered.add(key)
