@@ -1,13 +1,14 @@
 """Our own HAProxy instance (never the Debian systemd service) in TCP mode with an admin runtime API on TCP."""
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-from topology.procs import TopologyError, port_open, require_port_free, running_pid, terminate, wait_until
+from topology.procs import (
+    TopologyError, apt_install, port_open, require_port_free, running_pid, terminate, wait_until,
+)
 
 BACKENDS = ("pg_write", "pg_read")
 DEFAULT_WEIGHTS = {"source": 100, "target": 0}
@@ -19,11 +20,7 @@ def ensure_haproxy() -> str:
     )
     if found:
         return found
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "haproxy"]):
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if result.returncode != 0:
-            raise TopologyError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    apt_install("haproxy")
     found = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/usr/local/sbin")
     if not found:
         raise TopologyError("haproxy still not found after apt-get install haproxy")

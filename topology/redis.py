@@ -5,13 +5,14 @@ persistence off: no RDB snapshot, no append-only file, nothing written anywhere 
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-from topology.procs import TopologyError, port_open, require_port_free, running_pid, terminate, wait_until
+from topology.procs import (
+    TopologyError, apt_install, port_open, require_port_free, running_pid, terminate, wait_until,
+)
 
 SBIN_DIRS = "/usr/bin:/usr/sbin:/usr/local/bin:/usr/local/sbin"
 
@@ -20,12 +21,7 @@ def ensure_redis_server() -> str:
     found = shutil.which("redis-server", path=SBIN_DIRS)
     if found:
         return found
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]):
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if result.returncode != 0:
-            raise TopologyError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    apt_install("redis-server")
     found = shutil.which("redis-server", path=SBIN_DIRS)
     if not found:
         raise TopologyError("redis-server still not found after apt-get install redis-server")
