@@ -51,6 +51,11 @@ AIRFLOW_SETTINGS = {
     "AIRFLOW__CORE__PARALLELISM": "32",  # executor slots: not the cap measured here
     "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "128",  # the upgrade DAG sets no max_active_tasks of its own
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
+    # Airflow's defaults, as a deployment runs (the test harness shortens them to see DAG changes and heartbeats
+    # sooner): re-parsing the DAG files every 5 s and a heartbeat per running task every second cost CPU the fleet needs.
+    "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
+    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "300",
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "5",
     # Each task process parses the DAG file first; with 16 starting at once on 2 cores that took over the default
     # 30 s, every start was rescheduled and the fleet made no progress (see bench/README.md).
     "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300",

@@ -44,6 +44,12 @@ from pgactive_upgrade.airflow.operators import (
 )
 from pgactive_upgrade.airflow.params import upgrade_params
 
+# Every step that defers gets retries: when its trigger fires before a busy scheduler has handled the exit of the
+# deferring process, Airflow 3.3 fails the resumed try (apache/airflow#67287, #72716; a fleet of upgrades made it
+# happen, tests/airflow_real/test_deferral_race.py reproduces it). These steps start over safely, and their real
+# failures raise AirflowFailException, which Airflow never retries.
+DEFERS = {"retries": 2, "retry_delay": timedelta(seconds=10)}
+
 with DAG(
     dag_id="pgactive_rolling_upgrade",
     description="Upgrade RDS PostgreSQL to a new major version with seconds of downtime",
@@ -79,8 +85,10 @@ with DAG(
     install_extension = InstallExtensionOperator(task_id="install_extension", execution_timeout=timedelta(minutes=3))
     with TaskGroup("init_replication_group") as init_replication_group:
         # pgactive's join copies the whole database: waited for deferred, within this timeout
-        BuildReplicationOperator(task_id="build_replication", execution_timeout=timedelta(hours=24))
-    wait_for_sync = WaitForSyncSensor(task_id="wait_for_sync", timeout=timedelta(hours=24).total_seconds(), poll_interval=5)
+        BuildReplicationOperator(task_id="build_replication", execution_timeout=timedelta(hours=24), **DEFERS)
+    wait_for_sync = WaitForSyncSensor(
+        task_id="wait_for_sync", timeout=timedelta(hours=24).total_seconds(), poll_interval=5, **DEFERS
+    )
     prepare_target = PrepareTargetOperator(task_id="prepare_target", execution_timeout=timedelta(hours=1))
 
     @task_group(group_id="traffic_phase")
@@ -90,13 +98,15 @@ with DAG(
         chain(
             # Waits (deferred, free) as long as the previous phase's gate may: gate_timeout_minutes is at most 7 days.
             PhaseGateSensor(
-                task_id="wait_for_previous_phase", check_task_id="traffic_phase.decide", timeout=timedelta(days=8)
+                task_id="wait_for_previous_phase", check_task_id="traffic_phase.decide", timeout=timedelta(days=8),
+                **DEFERS,
             ),
             ShiftPhaseOperator(task_id="shift", percent=percent, execution_timeout=timedelta(minutes=10)),
             PhaseHealthCheckOperator(
-                task_id="health_check", percent=percent, execution_timeout=timedelta(minutes=5) + timedelta(hours=1)
+                task_id="health_check", percent=percent, execution_timeout=timedelta(minutes=5) + timedelta(hours=1),
+                **DEFERS,
             ),  # the settle time (at most 1 h) plus the PRD's 5 min of checks; a lag wait defers with its own timeout
-            PhaseDecisionOperator(task_id="decide", check_task_id="traffic_phase.health_check"),
+            PhaseDecisionOperator(task_id="decide", check_task_id="traffic_phase.health_check", **DEFERS),
         )
 
     traffic_phases = traffic_phase.expand(percent=validate_request.output)
@@ -105,19 +115,21 @@ with DAG(
         task_id="verify_before_cutover", execution_timeout=timedelta(hours=2), trigger_rule="none_failed"
     )
     # Waits only with approve_cutover; the approver sees verify_before_cutover's figures.
-    approve_cutover = ApprovalGateOperator(task_id="approve_cutover", before="cutover")
+    approve_cutover = ApprovalGateOperator(task_id="approve_cutover", before="cutover", **DEFERS)
     refresh_views_before_cutover = RefreshMaterializedViewsOperator(
         task_id="refresh_views_before_cutover", execution_timeout=timedelta(hours=1)
     )
     # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
     cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
     # Beside the cutover, deferred: settles the switch within seconds if the cutover's process dies holding the fence.
-    cutover_watchdog = CutoverWatchdogOperator(task_id="cutover_watchdog", execution_timeout=timedelta(hours=6))
+    cutover_watchdog = CutoverWatchdogOperator(task_id="cutover_watchdog", execution_timeout=timedelta(hours=6), **DEFERS)
     verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(hours=2))
     # Waits when approve_decommission, or by default when decommission is delete.
-    approve_decommission = ApprovalGateOperator(task_id="approve_decommission", before="decommission")
+    approve_decommission = ApprovalGateOperator(task_id="approve_decommission", before="decommission", **DEFERS)
     detach_old_node = DetachOldNodeOperator(task_id="detach_old_node", execution_timeout=timedelta(minutes=5))
-    decommission_source = DecommissionSourceOperator(task_id="decommission_source", execution_timeout=timedelta(minutes=10))
+    decommission_source = DecommissionSourceOperator(
+        task_id="decommission_source", execution_timeout=timedelta(minutes=10), **DEFERS
+    )
 
     chain(
         validate_request,

@@ -34,4 +34,6 @@ with DAG(
     RollbackOperator(task_id="roll_back", execution_timeout=timedelta(minutes=25))
     # Beside it, in the triggerer: settles the rollback's switch within seconds if its process dies mid-way.
     CutoverWatchdogOperator(task_id="switch_watchdog", cutover_task_id="roll_back", upgrade_from_record=True,
-                            execution_timeout=timedelta(hours=1))
+                            execution_timeout=timedelta(hours=1),
+                            # it defers: a busy scheduler may fail its resumed try (see pgactive_rolling_upgrade.py)
+                            retries=2, retry_delay=timedelta(seconds=10))

@@ -1,0 +1,63 @@
+"""A busy scheduler must not fail a deferred step: Airflow 3.3's resume-after-defer race (apache/airflow#67287,
+#72716) under a real scheduler.
+
+When a deferral's trigger fires before the scheduler has handled the executor's "success" of the process that
+deferred, the scheduler queues the resumed try first, then takes that stale success for the resumed try's own end
+and fails it ("finished with state success, but the task instance's state attribute is queued"). Under a fleet of
+upgrades (bench/fleet.py) the scheduler fell 20 s behind and this failed health checks and the cutover watchdog
+after a cutover that had worked. The test makes the scheduler late on purpose (SIGSTOP while the step is deferred,
+SIGCONT once the trigger has fired) and asserts the race happened and the run still succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.airflow_real.runs import states_of, wait_for_state
+from topology.demo import demo_conf
+
+pytestmark = [pytest.mark.integration, pytest.mark.airflow]
+
+UPGRADE = "pgactive_rolling_upgrade"
+MISMATCH = "but the task instance's state attribute is"
+
+
+def mismatches(airflow, run_id: str) -> list[str]:
+    log = airflow.log_path("scheduler").read_text(errors="replace")
+    return [line for line in log.splitlines() if MISMATCH in line and run_id in line]
+
+
+def hold_scheduler_until_resumed(airflow, run_id: str, task: str, timeout: float = 60) -> None:
+    """Stop the scheduler while the task is deferred; let it go once the trigger has fired (the task scheduled
+    again): its next loop queues the resumed try, then reads the stale success of the deferring process."""
+    wait_for_state(airflow, UPGRADE, run_id, task, "deferred", timeout=240)
+    scheduler = airflow._read_pid("scheduler")
+    os.kill(scheduler, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + timeout
+        while states_of(airflow, UPGRADE, run_id).get(task) == "deferred":
+            assert time.monotonic() < deadline, f"{task}'s trigger never fired"
+            time.sleep(0.2)
+        time.sleep(1)  # the deferring process's exit reaches the executor's result queue
+    finally:
+        os.kill(scheduler, signal.SIGCONT)
+
+
+def test_a_late_scheduler_does_not_fail_a_resumed_health_check(ready):
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [50], "phase_settle_seconds": 3, "decommission": "keep"}
+    run_id = airflow.trigger(UPGRADE, conf)
+
+    hold_scheduler_until_resumed(airflow, run_id, "traffic_phase.health_check[0]")
+
+    final = airflow.wait_for_run(UPGRADE, run_id, timeout=300)
+    seen = mismatches(airflow, run_id)
+    assert seen, "the race was not reproduced: the scheduler handled the stale success before queueing the resumed try"
+    assert final == "success", (seen[0][:400], states_of(airflow, UPGRADE, run_id))
+    check = next(ti for ti in airflow.task_instances(UPGRADE, run_id) if ti["task_id"] == "traffic_phase.health_check")
+    assert check["try_number"] == 2, "the failed resumed try was retried, and the retry checked the phase again"
+    assert topo.port_behind(topo.haproxy.write_port) == topo.new_pg.port
