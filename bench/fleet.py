@@ -26,6 +26,7 @@ import psycopg2
 from psycopg2 import sql
 
 from topology import Ports, Topology, aws, seed
+from topology.airflow_local import COMPONENTS as AIRFLOW_COMPONENTS
 from topology.airflow_local import AirflowApiError, LocalAirflow
 from topology.airflow_metadb import provision_metadata_db
 from topology.postgres import HOST
@@ -61,6 +62,7 @@ AIRFLOW_SETTINGS = {
     "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300",
 }
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STEP_POOL = "pgactive_upgrade"  # created with --pool-slots, named to the DAG by PGACTIVE_UPGRADE_POOL
 
 
 # --- N sources on one pair of servers, in moto and Route 53 --------------------------------------------------
@@ -176,15 +178,15 @@ class Monitor:
     run_ids: list[str]
     interval: float
     samples: list[Sample] = field(default_factory=list)
-    cpu_first: dict[int, int] = field(default_factory=dict)  # pid -> ticks when first seen
-    cpu_last: dict[int, int] = field(default_factory=dict)
-    cpu_new: set[int] = field(default_factory=set)  # pids born during the measurement: all their ticks count
+    cpu_first: dict[str, int] = field(default_factory=dict)  # component -> ticks of its session at the start
+    cpu_last: dict[str, int] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
         self.connection = metadata_connection(self.airflow)
-        self.triggerer = self.airflow._read_pid("triggerer")
-        self._cpu(first=True)
+        self.leaders = {name: pid for name in AIRFLOW_COMPONENTS if (pid := self.airflow._read_pid(name))}
+        self.machine_first = machine_busy_ticks()
+        self.cpu_first = self.cpu_last = self._session_ticks()
         self.thread = threading.Thread(target=self._loop, name="fleet-monitor", daemon=True)
 
     def start(self) -> Monitor:
@@ -195,7 +197,8 @@ class Monitor:
     def finish(self) -> None:
         self.stop.set()
         self.thread.join(30)
-        self._cpu()
+        self.cpu_last = self._session_ticks()
+        self.machine_last = machine_busy_ticks()
         self.ended = time.monotonic()
         with self.connection.cursor() as cursor:  # tasks that needed more than one try (a retry after a failure)
             cursor.execute("SELECT task_id, count(*) FROM task_instance WHERE dag_id = %s AND run_id = ANY(%s) AND "
@@ -208,7 +211,6 @@ class Monitor:
             began = time.monotonic()
             try:
                 self.samples.append(self._sample())
-                self._cpu()
             except psycopg2.Error as error:
                 print(f"   monitor: {type(error).__name__}: {str(error).strip()[:200]}", flush=True)
             self.stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
@@ -231,10 +233,12 @@ class Monitor:
                       sum(1 for *_, s in tis if s == "deferred"), sum(1 for *_, s in tis if s == "queued"),
                       runs, connections, creating)
 
-    def _cpu(self, first: bool = False) -> None:
-        """utime+stime of the triggerer and every process of its session (the trigger runner), per pid."""
-        if not self.triggerer:
-            return
+    def _session_ticks(self) -> dict[str, int]:
+        """CPU ticks per Airflow component: over every live process of its session, its own and those of its reaped
+        children. A task process's ticks move into its supervisor's when it is reaped, so none is lost between
+        samples (the scheduler's session holds the LocalExecutor's workers and every task process)."""
+        names = {pid: name for name, pid in self.leaders.items()}
+        ticks = dict.fromkeys(self.leaders, 0)
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
@@ -242,19 +246,23 @@ class Monitor:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            if int(fields[3]) != self.triggerer:
-                continue
-            ticks = int(fields[11]) + int(fields[12])
-            pid = int(pid)
-            if pid not in self.cpu_first:
-                self.cpu_first[pid] = ticks
-                if not first:
-                    self.cpu_new.add(pid)
-            self.cpu_last[pid] = ticks
+            if int(fields[3]) in names:
+                ticks[names[int(fields[3])]] += sum(int(value) for value in fields[11:15])
+        return ticks
 
-    def triggerer_cpu_seconds(self) -> float:
-        ticks = sum(last - (0 if pid in self.cpu_new else self.cpu_first[pid]) for pid, last in self.cpu_last.items())
-        return round(ticks / CLOCK_TICKS, 2)
+    def cpu_seconds(self) -> dict[str, float]:
+        """Per component, and the whole machine's busy time over the measurement (everything else: the servers,
+        moto, this bench)."""
+        figures = {name: (self.cpu_last[name] - self.cpu_first[name]) / CLOCK_TICKS for name in self.cpu_first}
+        figures["machine_busy"] = (self.machine_last - self.machine_first) / CLOCK_TICKS
+        figures["everything_else"] = figures["machine_busy"] - sum(v for k, v in figures.items() if k != "machine_busy")
+        return {name: round(value, 1) for name, value in figures.items()}
+
+
+def machine_busy_ticks() -> int:
+    first_line = Path("/proc/stat").read_text().split("\n")[0]
+    user, nice, system, _idle, _iowait, irq, softirq, steal, *_ = (int(v) for v in first_line.split()[1:])
+    return user + nice + system + irq + softirq + steal
 
 
 # --- one measurement: trigger, wait, figures ----------------------------------------------------------------
@@ -323,7 +331,8 @@ def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, tr
     peak = max(samples, key=lambda s: len(s.running), default=None)
     peak_creating = max(while_creating, key=lambda s: len(s.running), default=None)
     seconds = monitor.ended - monitor.started
-    cpu = monitor.triggerer_cpu_seconds()
+    cpu_by_component = monitor.cpu_seconds()
+    cpu = cpu_by_component.get("triggerer", 0.0)
     return {
         "runs": len(run_ids),
         "succeeded": sum(1 for state, _ in ended.values() if state == "success"),
@@ -344,6 +353,8 @@ def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, tr
         "triggerer_cpu_s": cpu,
         "triggerer_cpu_pct_of_core": round(100 * cpu / seconds, 1) if seconds else None,
         "metadata_db_connections_peak": max((s.connections for s in samples), default=0),
+        "cpu_s": cpu_by_component,
+        "cpu_s_per_upgrade": round(cpu_by_component["machine_busy"] / len(run_ids), 1),
         "retried_tasks": monitor.retried,
         "samples": len(samples),
     }
@@ -366,19 +377,22 @@ def states_of(airflow: LocalAirflow, run_id: str) -> dict[str, str | None]:
 def describe(label: str, figures: dict) -> str:
     keys = ("runs", "succeeded", "wall_s", "peak_slots", "peak_slots_while_creating", "peak_deferred",
             "peak_runs_running", "peak_runs_queued", "triggerer_cpu_s", "triggerer_cpu_pct_of_core",
-            "metadata_db_connections_peak")
+            "metadata_db_connections_peak", "cpu_s_per_upgrade")
     return (f"{label}: " + " ".join(f"{k}={figures[k]}" for k in keys)
             + f"\n   peak slots {figures['peak_slots_tasks']} at {figures['peak_slots_at_s']} s; while creating "
               f"{figures['peak_while_creating_tasks']} (creating window {figures['creating_window_s']} s)"
             + f"\n   slot-seconds while creating: {figures['slot_s_while_creating_by_task']}"
             + f"\n   slot-seconds by task: {figures['slot_s_by_task']}"
+            + f"\n   CPU seconds: {figures['cpu_s']}"
             + f"\n   tasks retried: {figures['retried_tasks']}"
             + (f"\n   NOT SUCCEEDED: {figures['not_succeeded']}" if figures.get("not_succeeded") else ""))
 
 
 # --- main ----------------------------------------------------------------------------------------------------
 
-def local_airflow(topo: Topology, env: dict[str, str], metadata_db) -> LocalAirflow:
+def local_airflow(topo: Topology, env: dict[str, str], metadata_db, pool_slots: int) -> LocalAirflow:
+    if pool_slots:
+        env = {**env, "PGACTIVE_UPGRADE_POOL": STEP_POOL}
     return LocalAirflow(
         home=topo.state_dir / "airflow",
         dags_folder=REPO / "dags",
@@ -401,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-interval", type=float, default=0.5, help="seconds between samples")
     parser.add_argument("--timeout", type=float, default=2400, help="seconds for all runs of one measurement")
     parser.add_argument("--skip-single", action="store_true", help="no single upgrade first (no ratio)")
+    parser.add_argument("--pool-slots", type=int, default=4,
+                        help="the upgrade steps' own pool (README: a fleet on one Airflow); 0: default_pool")
     parser.add_argument("--keep-up", action="store_true", help="leave Airflow and the topology running at the end")
     args = parser.parse_args(argv)
 
@@ -423,9 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"topology and {len(single + fleet)} sources seeded in {time.monotonic() - began:.1f} s", flush=True)
         with SlowRds(topo.moto_url, create_seconds=args.create_seconds, reboot_seconds=args.reboot_seconds,
                      port=SLOW_RDS_PORT) as slow:
-            airflow = local_airflow(topo, connections_env(topo, slow, single + fleet), metadata_db)
+            airflow = local_airflow(topo, connections_env(topo, slow, single + fleet), metadata_db, args.pool_slots)
             started = time.monotonic()
             airflow.start(timeout=300)
+            if args.pool_slots:
+                airflow.api("POST", "pools", {"name": STEP_POOL, "slots": args.pool_slots, "include_deferred": False,
+                                              "description": "upgrade steps computing at once"})
             airflow.wait_for_dag(UPGRADE)
             max_active_runs = airflow.api("GET", f"dags/{UPGRADE}/details").get("max_active_runs")
             print(f"Airflow up at {airflow.url} after {time.monotonic() - started:.1f} s "
@@ -463,6 +482,9 @@ def summary(args: argparse.Namespace, results: dict[str, dict], max_active_runs)
         "peak_runs_running": fleet.get("peak_runs_running"),
         "retried_tasks": fleet.get("retried_tasks"),
         "dag_max_active_runs": max_active_runs,
+        "pool_slots": args.pool_slots or None,
+        "cpu_s": fleet.get("cpu_s"),
+        "cpu_s_per_upgrade": fleet.get("cpu_s_per_upgrade"),
         "triggerer_cpu_s": fleet.get("triggerer_cpu_s"),
         "triggerer_cpu_pct_of_core": fleet.get("triggerer_cpu_pct_of_core"),
         "metadata_db_connections_peak": fleet.get("metadata_db_connections_peak"),

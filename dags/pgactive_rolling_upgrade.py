@@ -16,6 +16,7 @@ Roll back at any time with the DAG `pgactive_upgrade_rollback`. See README.md fo
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, TaskGroup, chain, task_group
@@ -49,6 +50,10 @@ from pgactive_upgrade.airflow.params import upgrade_params
 # happen, tests/airflow_real/test_deferral_race.py reproduces it). These steps start over safely, and their real
 # failures raise AirflowFailException, which Airflow never retries.
 DEFERS = {"retries": 2, "retry_delay": timedelta(seconds=10)}
+# Many upgrades on one Airflow: the deployment may cap how many of their steps compute at once with a pool of its
+# own, named here through the environment (README: "A fleet of upgrades"). Deferred steps hold no slot of it; the
+# cutover's watchdog and the rollback DAG never wait behind it.
+STEP_POOL = os.environ.get("PGACTIVE_UPGRADE_POOL") or "default_pool"
 
 with DAG(
     dag_id="pgactive_rolling_upgrade",
@@ -63,7 +68,7 @@ with DAG(
     params=upgrade_params(),
     tags=["postgres", "rds", "upgrade"],
     # The progress record says how each step and the run ended, whatever ended them.
-    default_args={"retries": 0, "on_failure_callback": record_task_failure},
+    default_args={"retries": 0, "pool": STEP_POOL, "on_failure_callback": record_task_failure},
     on_success_callback=record_run_success,
     on_failure_callback=record_run_failure,
 ) as dag:
@@ -122,7 +127,9 @@ with DAG(
     # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
     cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
     # Beside the cutover, deferred: settles the switch within seconds if the cutover's process dies holding the fence.
-    cutover_watchdog = CutoverWatchdogOperator(task_id="cutover_watchdog", execution_timeout=timedelta(hours=6), **DEFERS)
+    cutover_watchdog = CutoverWatchdogOperator(
+        task_id="cutover_watchdog", execution_timeout=timedelta(hours=6), pool="default_pool", **DEFERS
+    )
     verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(hours=2))
     # Waits when approve_decommission, or by default when decommission is delete.
     approve_decommission = ApprovalGateOperator(task_id="approve_decommission", before="decommission", **DEFERS)
