@@ -44,13 +44,16 @@ class HealthReport:
     """What a phase's health check found, sorted by what happens next:
     problems: the phase fails and traffic returns to the last healthy split;
     lag_high: lag above the threshold is waited for, then an operator decides (lag_causes name what holds it back);
-    conflicts: new replication conflicts, one line per row: an operator decides (accept, or roll back)."""
+    conflicts: new replication conflicts, one line per row: an operator decides (accept, or roll back);
+    conflict_marks: where each node's conflict history stood when they were listed, the baseline once they are judged
+    (a conflict logged while the check ran is named by the next check, never taken as seen)."""
 
     lag: Any
     threshold_bytes: int
     problems: list[str] = field(default_factory=list)
     lag_causes: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    conflict_marks: dict[str, int] = field(default_factory=dict)
 
     @property
     def lag_high(self) -> bool:

@@ -408,10 +408,11 @@ class Upgrade:
         if conflict_baseline is not None:
             driver.conflict_baseline = conflict_baseline
         problems = driver.problems(conflicts=False)
-        conflicts = driver.conflicts()
+        marks = driver.conflict_marks()  # before the listing: what is listed is exactly what the marks cover
+        conflicts = driver.conflicts(up_to=marks)
         lag = driver.lag()
         report = health.HealthReport(lag=lag, threshold_bytes=self.request.lag_threshold_bytes, problems=problems,
-                                     conflicts=conflicts)
+                                     conflicts=conflicts, conflict_marks=marks)
         if report.lag_high:
             report.lag_causes = driver.lag_causes(lag)
         probe_problems = self._probe_problems()

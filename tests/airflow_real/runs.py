@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from topology.airflow_local import AirflowApiError, LocalAirflow
+
+UPGRADE, ROLLBACK = "pgactive_rolling_upgrade", "pgactive_upgrade_rollback"
+SOURCE = "orders-db"
 
 
 def states_of(airflow: LocalAirflow, dag_id: str, run_id: str) -> dict[str, str | None]:
@@ -33,3 +37,38 @@ def forget_earlier_upgrades(airflow: LocalAirflow) -> None:
             airflow.api("DELETE", f"variables/{key}")
         except AirflowApiError as error:
             assert error.status == 404, error
+
+
+def record(airflow: LocalAirflow, source: str = SOURCE) -> dict:
+    """The upgrade's progress record (the Variable the package keeps per source)."""
+    return json.loads(airflow.api("GET", f"variables/pgactive_upgrade__{source}")["value"])
+
+
+def pending_gates(airflow: LocalAirflow, run_id: str, dag_id: str = UPGRADE) -> list[dict]:
+    details = airflow.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
+    return [d for d in details if d["responded_at"] is None]
+
+
+def answer(airflow: LocalAirflow, run_id: str, task_id: str, option: str, map_index: int = -1,
+           dag_id: str = UPGRADE) -> dict:
+    """Answers a gate through the REST API, as a person would: not within a fraction of a second of the question.
+    An answer that lands before the gate's first process has exited races the executor's event for that process,
+    and the scheduler fails the gate task (seen: "finished with state success, but the task instance's state
+    attribute is queued")."""
+    time.sleep(3)
+    return airflow.api("PATCH", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails",
+                       {"chosen_options": [option], "params_input": {}})
+
+
+def audit_of(airflow: LocalAirflow, source: str = SOURCE) -> dict:
+    return airflow._request("GET", f"/pgactive-upgrade/audit/{source}", None, token=airflow.token())
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout} s")

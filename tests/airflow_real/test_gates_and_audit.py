@@ -7,47 +7,15 @@ import time
 
 import pytest
 
-from tests.airflow_real.runs import states_of, wait_for_state
+from tests.airflow_real.runs import (
+    ROLLBACK, SOURCE, UPGRADE, answer, audit_of, pending_gates, record, states_of, wait_for_state, wait_until,
+)
 from topology.airflow_local import AirflowApiError
 from topology.demo import demo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 
-UPGRADE, ROLLBACK = "pgactive_rolling_upgrade", "pgactive_upgrade_rollback"
-SOURCE = "orders-db"
 FORWARD_SUBSCRIPTION = "pgu_orders_db_fwd"
-
-
-def record(airflow) -> dict:
-    return json.loads(airflow.api("GET", f"variables/pgactive_upgrade__{SOURCE}")["value"])
-
-
-def pending_gates(airflow, run_id: str) -> list[dict]:
-    details = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
-    return [d for d in details if d["responded_at"] is None]
-
-
-def answer(airflow, run_id: str, task_id: str, option: str, map_index: int = -1) -> dict:
-    # As a person would, not within a fraction of a second of the question: an answer that lands before the gate's
-    # first process has exited races the executor's event for that process, and the scheduler fails the gate task
-    # (seen here: "finished with state success, but the task instance's state attribute is queued").
-    time.sleep(3)
-    return airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails",
-                       {"chosen_options": [option], "params_input": {}})
-
-
-def audit_of(airflow) -> dict:
-    return airflow._request("GET", f"/pgactive-upgrade/audit/{SOURCE}", None, token=airflow.token())
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def test_approval_before_cutover_waits_and_the_run_continues_on_a_rest_answer(ready):

@@ -177,6 +177,36 @@ def test_a_conflict_on_both_nodes_is_reported(driver, topology, pgactive_only):
     assert skus
 
 
+def test_conflicts_listed_are_the_ones_the_marks_cover_and_the_rest_are_counted(driver, topology, pgactive_only):
+    """A health check takes the marks, then lists up to them: a conflict logged meanwhile is not in the baseline
+    the operator's answer accepts, and the next check names it. Past the limit, the rest are counted, not dropped."""
+    build(driver)
+    driver.conflict_baseline = driver.conflict_marks()
+    insert_on_both_while_apply_paused(driver, topology, 5001)
+    wait_for(driver.conflicts, timeout=30, what="the first conflict")
+    marks = driver.conflict_marks()
+    insert_on_both_while_apply_paused(driver, topology, 5002)  # logged while a check would be listing
+    wait_for(lambda: driver.conflict_marks() != marks, timeout=30, what="the second conflict")
+
+    listed = driver.conflicts(up_to=marks)
+    assert len(listed) == 1 and "billing.invoice_lines" in listed[0], listed
+    node = listed[0].split(":", 1)[0]
+    assert listed[0].startswith(f"{node}: conflict_id {marks[node]} "), (listed, marks)
+    first = driver.conflict_baseline
+    driver.conflict_baseline = marks  # the operator accepted what was listed
+    later = driver.conflicts()
+    assert len(later) == 1 and later != listed and "billing.invoice_lines" in later[0], later
+
+    driver.conflict_baseline = first
+    both = driver.conflicts(limit=1)
+    newest = driver.conflict_marks()
+    if newest[node] - first[node] == 2:  # the node that kept its own row logged both (last commit wins)
+        assert both[:1] == listed and both[1:] == [f"{node}: 1 more conflict(s) up to conflict_id {newest[node]} "
+                                                   "(pgactive.pgactive_conflict_history)"], both
+    else:
+        assert sorted(both) == sorted(listed + later), both
+
+
 def move_sequences_as_the_cutover_does(topology) -> None:
     source, target = topology.old_pg.connect(dbname="app"), topology.new_pg.connect(dbname="app")
     try:

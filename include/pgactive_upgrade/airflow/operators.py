@@ -24,6 +24,7 @@ from pgactive_upgrade.airflow.triggers import (
 from pgactive_upgrade.cutover import restore_split
 from pgactive_upgrade.deployment import DeploymentError
 from pgactive_upgrade.events import emit
+from pgactive_upgrade.health import HealthReport
 from pgactive_upgrade.rollback import early_switch_to_source
 from pgactive_upgrade.replication import Joining
 from pgactive_upgrade.switch_state import LockBusy
@@ -400,12 +401,12 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
                 self.log.error("Plans of the statements slower on the target:\n%s", comparison.explained())
             # The failed task's result: what regressed, with both plans side by side.
             context["ti"].xcom_push(key="latency", value=comparison.as_dict() if comparison else None)
-            self._fail_phase(upgrade, context, report.all_problems())
+            self._fail_phase(upgrade, context, report)
         if report.conflicts:  # the operator judges them at the decision gate; only newer ones count afterwards
-            state.record_step(context, source, self.task_id, "running", conflict_baseline=upgrade.conflict_marks())
+            state.record_step(context, source, self.task_id, "running", conflict_baseline=report.conflict_marks)
             emit("conflicts_found", percent=int(self.percent), conflicts=len(report.conflicts), first=report.conflicts[0])
             return {"percent": int(self.percent), "healthy": False, "gate": "conflicts", "lag_bytes": report.lag.bytes,
-                    "conflicts": report.conflicts[:20]}
+                    "conflicts": report.conflicts}  # bounded by the driver: the first rows per node, then a count
         if report.lag_high:
             emit("lag_high", percent=int(self.percent), lag_bytes=report.lag.bytes, causes=report.lag_causes)
             self.defer(trigger=lag_trigger(upgrade, context, self.poll_interval, fire_on_escalation=True),
@@ -414,10 +415,10 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         return {"percent": int(self.percent), "healthy": True, "lag_bytes": report.lag.bytes,
                 "latency": comparison.as_dict() if comparison else None}
 
-    def _fail_phase(self, upgrade: Upgrade, context, problems: list[str]) -> None:
-        source = upgrade.request.source_identifier
+    def _fail_phase(self, upgrade: Upgrade, context, report: HealthReport) -> None:
+        source, problems = upgrade.request.source_identifier, report.all_problems()
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
-        state.record_step(context, source, self.task_id, "failed", conflict_baseline=upgrade.conflict_marks())
+        state.record_step(context, source, self.task_id, "failed", conflict_baseline=report.conflict_marks)
         with upgrade.acting(halted_check(context, upgrade)) as connection:  # a rollback owns the traffic once halted
             upgrade.check_not_switched(connection)
             restored = self._restore_last_healthy(upgrade, context)

@@ -143,8 +143,9 @@ class ReplicationDriver(ABC):
         """While lag is above the threshold: what likely holds it back, named for the operator."""
         return []
 
-    def conflicts(self) -> list[str]:
-        """Conflicts newer than conflict_baseline, one line per conflict row; [] for a driver that cannot conflict."""
+    def conflicts(self, up_to: dict[str, int] | None = None) -> list[str]:
+        """Conflicts newer than conflict_baseline (and not past the marks up_to), one line per conflict row;
+        [] for a driver that cannot conflict."""
         return []
 
     def publishing_nodes(self) -> set[str]:

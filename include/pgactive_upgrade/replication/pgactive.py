@@ -37,11 +37,12 @@ _OWNER_GRANTS = (
 
 
 CONFLICT_EXPORT_TABLE = "pgactive_conflict_history_export"
-_NEW_CONFLICT_ROWS = (
-    "SELECT conflict_id, conflict_type::text, object_schema, object_name, conflict_resolution::text, "
-    "local_conflict_time FROM pgactive.pgactive_conflict_history WHERE conflict_id > %s "
-    "AND object_schema IS DISTINCT FROM 'pgactive' ORDER BY conflict_id LIMIT %s"
-)
+_NEW_CONFLICTS = ("FROM pgactive.pgactive_conflict_history WHERE conflict_id > %s AND conflict_id <= %s "
+                  "AND object_schema IS DISTINCT FROM 'pgactive'")
+_NEW_CONFLICT_ROWS = ("SELECT conflict_id, conflict_type::text, object_schema, object_name, conflict_resolution::text, "
+                      f"local_conflict_time {_NEW_CONFLICTS} ORDER BY conflict_id LIMIT %s")
+_NEW_CONFLICT_COUNT = f"SELECT count(*), max(conflict_id) {_NEW_CONFLICTS}"
+_NO_MARK = 2**63 - 1
 
 
 class JoinFailed(ReplicationError):
@@ -528,15 +529,21 @@ class PgactiveDriver(ReplicationDriver):
                     connection, "SELECT coalesce(max(conflict_id), 0) FROM pgactive.pgactive_conflict_history")[0][0]
         return marks
 
-    def conflicts(self, limit: int = 20) -> list[str]:
-        """The conflict rows newer than the baseline on each node, named by node, id, table, type and resolution."""
+    def conflicts(self, up_to: dict[str, int] | None = None, limit: int = 10) -> list[str]:
+        """The conflict rows newer than the baseline (up to the marks up_to) on each node, named by node, id, table,
+        type and resolution: the first `limit` per node, then one line counting the rest."""
         named = []
         for node in self.nodes:
-            baseline = (self.conflict_baseline or {}).get(node.identifier, 0)
+            window = ((self.conflict_baseline or {}).get(node.identifier, 0),
+                      _NO_MARK if up_to is None else up_to.get(node.identifier, 0))
             with self._connect(node) as connection:
-                rows = query(connection, _NEW_CONFLICT_ROWS, (baseline, limit))
+                rows = query(connection, _NEW_CONFLICT_ROWS, (*window, limit))
+                more, last = query(connection, _NEW_CONFLICT_COUNT, window)[0] if len(rows) == limit else (0, None)
             named += [f"{node.identifier}: conflict_id {conflict_id} {kind} on {schema}.{table}, {resolution}, "
                       f"at {when:%Y-%m-%d %H:%M:%S}" for conflict_id, kind, schema, table, resolution, when in rows]
+            if more > limit:
+                named.append(f"{node.identifier}: {more - limit} more conflict(s) up to conflict_id {last} "
+                             "(pgactive.pgactive_conflict_history)")
         return named
 
     def _new_conflicts(self, connection, node: Node) -> int:
