@@ -3,14 +3,18 @@
 - GET /pgactive-upgrade/progress/{source_instance}: JSON from the record each step keeps.
 - GET /pgactive-upgrade/ui: the page (upgrades in flight and recent ones), shown in the UI's menu under Browse.
 
-Both need the auth manager's permission to read runs of the upgrade DAG (Airflow's own `requires_access_dag`):
-401 without a token or session cookie, 403 without that permission. A source that is not an RDS identifier gets
-422 naming `source_instance`. The progress answer is read once per RECORD_CACHE_SECONDS and source, in one query
-of the metadata database, and shared by every request meanwhile: many dashboards polling cost one read a second.
+Both need the auth manager's permission to read runs of the upgrade DAG (Airflow's own `get_user` and
+`requires_access_dag`): 401 without a token or session cookie, 403 with an invalid, expired or revoked one or
+without that permission. A grant is remembered for GRANT_CACHE_SECONDS per token and DAG (never past the token's
+expiry; a refusal is never remembered): a token revoked or a permission withdrawn is refused at most that long after.
+A source that is not an RDS identifier gets 422 naming `source_instance`. The progress answer is read once per
+RECORD_CACHE_SECONDS and source, in one query of the metadata database, and shared by every request meanwhile: many
+dashboards polling cost one read a second, and a new record is answered at most that long after it was written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -18,13 +22,16 @@ import time
 from typing import Annotated, Any
 from collections.abc import Callable
 
+from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-from airflow.api_fastapi.core_api.security import requires_access_dag
+from airflow.api_fastapi.core_api.security import bearer_scheme, get_user, requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
 import httpx
+import jwt
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import AfterValidator
 from sqlalchemy import select
 
@@ -32,11 +39,65 @@ from pgactive_upgrade import audit, config, progress
 from pgactive_upgrade.airflow import progress_page
 
 RECORD_CACHE_SECONDS = 1.0
+GRANT_CACHE_SECONDS = 1.0
 RECENT_UPGRADES = 20
 
 app = FastAPI(title="pgactive upgrade progress")
-may_read_upgrade_runs = Depends(
-    requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=progress_page.UPGRADE_DAG_ID))
+_check_dag_run_read = requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=progress_page.UPGRADE_DAG_ID)
+
+
+class RecentGrants:
+    """Tokens just allowed to read a DAG's runs: (token digest, dag id) -> until when (monotonic)."""
+
+    def __init__(self, seconds: float, max_keys: int = 4096):
+        self.seconds, self.max_keys = seconds, max_keys
+        self._until: dict[tuple[bytes, str], float] = {}
+
+    @staticmethod
+    def key(token: str, dag_id: str) -> tuple[bytes, str]:
+        return hashlib.sha256(token.encode()).digest(), dag_id
+
+    def granted(self, key: tuple[bytes, str]) -> bool:
+        until = self._until.get(key)
+        return until is not None and time.monotonic() < until
+
+    def grant(self, key: tuple[bytes, str], token_expires_at: float | None) -> None:
+        now = time.monotonic()
+        until = now + self.seconds
+        if token_expires_at is not None:
+            until = min(until, now + token_expires_at - time.time())
+        if len(self._until) >= self.max_keys:
+            self._until.clear()
+        self._until[key] = until
+
+
+recent_grants = RecentGrants(GRANT_CACHE_SECONDS)
+
+
+async def _may_read_upgrade_runs(
+    request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """Airflow's own checks (the user from the token: signature, expiry, revocation; then the auth manager's DAG-run
+    read permission), skipped for GRANT_CACHE_SECONDS after they allowed this token: a dashboard polling many times a
+    second pays neither the revocation query nor a worker thread on each request. Runs on the event loop."""
+    token = bearer.credentials if bearer and bearer.scheme.lower() == "bearer" else \
+        request.cookies.get(COOKIE_NAME_JWT_TOKEN)
+    key = RecentGrants.key(token, progress_page.UPGRADE_DAG_ID) if token else None
+    if key and recent_grants.granted(key):
+        return
+    user = await get_user(request, None, bearer)
+    await run_in_threadpool(_check_dag_run_read, request, user)
+    if token and key:
+        recent_grants.grant(key, _expiry(token))
+
+
+def _expiry(token: str) -> float | None:
+    """The `exp` claim of a token Airflow has just validated (its signature was checked there)."""
+    exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    return float(exp) if exp is not None else None
+
+
+may_read_upgrade_runs = Depends(_may_read_upgrade_runs)
 
 
 def _rds_identifier(value: str) -> str:
