@@ -9,7 +9,8 @@ without that permission. A grant is remembered for GRANT_CACHE_SECONDS per token
 expiry; a refusal is never remembered): a token revoked or a permission withdrawn is refused at most that long after.
 A source that is not an RDS identifier gets 422 naming `source_instance`. The progress answer is read once per
 RECORD_CACHE_SECONDS and source, in one query of the metadata database, and shared by every request meanwhile: many
-dashboards polling cost one read a second, and a new record is answered at most that long after it was written.
+dashboards polling cost one read a second, and a new record is answered at most that long after it was written
+(RECORD_REFRESH_GRACE_SECONDS more while the next read runs: the previous answer is given meanwhile, nobody waits).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pgactive_upgrade import audit, config, progress
 from pgactive_upgrade.airflow import progress_page
 
 RECORD_CACHE_SECONDS = 1.0
+RECORD_REFRESH_GRACE_SECONDS = 0.25
 GRANT_CACHE_SECONDS = 1.0
 RECENT_UPGRADES = 20
 
@@ -112,29 +114,50 @@ SourceInstance = Annotated[str, Path(max_length=63, description="the upgrade's s
 
 
 class RecentReads:
-    """Each key read at most once per `seconds`; concurrent misses of one key wait for a single read."""
+    """Each key read at most once per `seconds`; concurrent misses of one key wait for a single read. While that read
+    runs, other askers get the previous value if it is less than `seconds + grace` old, instead of queueing behind it:
+    a value is never answered more than `seconds + grace` after the read that got it began."""
 
-    def __init__(self, seconds: float, max_keys: int = 1024):
-        self.seconds, self.max_keys = seconds, max_keys
+    def __init__(self, seconds: float, grace: float = 0.0, max_keys: int = 1024):
+        self.seconds, self.grace, self.max_keys = seconds, grace, max_keys
         self._values: dict[str, tuple[float, Any]] = {}
         self._locks: dict[str, threading.Lock] = {}
+        self._reading: set[str] = set()
         self._guard = threading.Lock()
 
     def peek(self, key: str) -> tuple[Any] | None:
-        """(value,) while the last read is fresh, else None: no lock, no waiting (an async handler's fast path)."""
-        return self._fresh(key)
+        """(value,) while the last read is fresh, or within the grace while another caller reads it again; else None,
+        and the caller is the one to read (through `get`). No waiting: an async handler's fast path."""
+        hit = self._values.get(key)
+        if hit is None:
+            return None
+        age = time.monotonic() - hit[0]
+        if age < self.seconds:
+            return (hit[1],)
+        with self._guard:
+            if age < self.seconds + self.grace and key in self._reading:
+                return (hit[1],)
+            self._reading.add(key)
+            return None
 
     def get(self, key: str, read: Callable[[], Any]) -> Any:
-        if (value := self._fresh(key)) is not None:
-            return value[0]
-        with self._lock(key):
+        try:
             if (value := self._fresh(key)) is not None:
                 return value[0]
-            result = read()
-            if len(self._values) >= self.max_keys:
-                self._values.clear()
-            self._values[key] = (time.monotonic(), result)
-            return result
+            with self._lock(key):
+                if (value := self._fresh(key)) is not None:
+                    return value[0]
+                with self._guard:
+                    self._reading.add(key)
+                began = time.monotonic()
+                result = read()
+                if len(self._values) >= self.max_keys:
+                    self._values.clear()
+                self._values[key] = (began, result)
+                return result
+        finally:
+            with self._guard:
+                self._reading.discard(key)
 
     def _fresh(self, key: str) -> tuple[Any] | None:
         hit = self._values.get(key)
@@ -147,13 +170,14 @@ class RecentReads:
             return self._locks.setdefault(key, threading.Lock())
 
 
-recent_reads = RecentReads(RECORD_CACHE_SECONDS)
+recent_reads = RecentReads(RECORD_CACHE_SECONDS, RECORD_REFRESH_GRACE_SECONDS)
 
 
 @app.get("/progress/{source_instance}", dependencies=[may_read_upgrade_runs])
 async def read_progress(source_instance: SourceInstance) -> Response:
-    """The answer's bytes are what is shared: a request within RECORD_CACHE_SECONDS of the last read costs no query,
-    no encoding and no worker thread (the authorization still runs for every request)."""
+    """The answer's bytes are what is shared: a request within RECORD_CACHE_SECONDS of the last read, or within
+    RECORD_REFRESH_GRACE_SECONDS more while another request reads the record again, costs no query, no encoding and no
+    worker thread (the authorization still runs for every request)."""
     source = source_instance.lower()
     hit = recent_reads.peek(source)
     status, body = hit[0] if hit else await run_in_threadpool(recent_reads.get, source, lambda: _progress_answer(source))

@@ -2,7 +2,8 @@
 parameter is validated, and a new record is answered within about a second although answers are shared.
 
 The endpoint remembers a grant for GRANT_CACHE_SECONDS per token and DAG, and the record's answer for
-RECORD_CACHE_SECONDS per source; these tests prove what that may and may not hide."""
+RECORD_CACHE_SECONDS per source (RECORD_REFRESH_GRACE_SECONDS more while it is read again); these tests prove what
+that may and may not hide."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pgactive_upgrade import progress
-from plugins.pgactive_upgrade_progress import GRANT_CACHE_SECONDS, RECORD_CACHE_SECONDS
+from plugins.pgactive_upgrade_progress import GRANT_CACHE_SECONDS, RECORD_CACHE_SECONDS, RECORD_REFRESH_GRACE_SECONDS
 from topology.airflow_local import AirflowApiError, LocalAirflow
 from topology.ports import Ports
 
@@ -27,6 +28,7 @@ SOURCE = "orders-db"
 PROGRESS = f"/pgactive-upgrade/progress/{SOURCE}"
 PORT = Ports.from_base(int(os.environ.get("PGU_TEST_BASE", "26400"))).airflow_api + 9
 MARGIN_SECONDS = 0.5  # the api-server and this client share a loaded machine
+STALE_AT_MOST = RECORD_CACHE_SECONDS + RECORD_REFRESH_GRACE_SECONDS + MARGIN_SECONDS
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,7 @@ def test_a_revoked_token_is_refused_within_the_grant_time(recorded):
 
 
 def test_a_new_record_is_answered_within_about_a_second(recorded):
+    """Asked every 50 ms, as the bench's writer rewrites the record: each new step is answered within STALE_AT_MOST."""
     airflow = recorded
     token = airflow.token_for("viewer")
     for step, run_id in (("build_group", "manual__first"), ("cutover", "manual__second")):
@@ -128,11 +131,11 @@ def test_a_new_record_is_answered_within_about_a_second(recorded):
         put_variable(airflow, progress.record_key(SOURCE), record(run_id, step))
         written_at = time.monotonic()
         while (answer := airflow.get(PROGRESS, token))["step"] != step:
-            assert time.monotonic() - written_at < RECORD_CACHE_SECONDS + MARGIN_SECONDS, answer
+            assert time.monotonic() - written_at < STALE_AT_MOST, answer
             time.sleep(0.05)
         assert answer["run_id"] == run_id
     put_variable(airflow, progress.halt_key(SOURCE), {"run_id": "manual__second", "reason": "test"})
     written_at = time.monotonic()
     while not airflow.get(PROGRESS, token)["halted"]:
-        assert time.monotonic() - written_at < RECORD_CACHE_SECONDS + MARGIN_SECONDS, "the halt flag is not answered"
+        assert time.monotonic() - written_at < STALE_AT_MOST, "the halt flag is not answered"
         time.sleep(0.05)
