@@ -123,7 +123,7 @@ def test_a_revoked_token_is_refused_within_the_grant_time(recorded):
 
 
 def test_a_new_record_is_answered_within_about_a_second(recorded):
-    """Asked every 50 ms, as the bench's writer rewrites the record: each new step is answered within STALE_AT_MOST."""
+    """Asked every 50 ms after each write: each new step, and the halt flag, is answered within STALE_AT_MOST."""
     airflow = recorded
     token = airflow.token_for("viewer")
     for step, run_id in (("build_group", "manual__first"), ("cutover", "manual__second")):
