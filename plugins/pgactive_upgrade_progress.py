@@ -15,6 +15,7 @@ dashboards polling cost one read a second, and a new record is answered at most 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -81,16 +82,42 @@ async def _may_read_upgrade_runs(
 ) -> None:
     """Airflow's own checks (the user from the token: signature, expiry, revocation; then the auth manager's DAG-run
     read permission), skipped for GRANT_CACHE_SECONDS after they allowed this token: a dashboard polling many times a
-    second pays neither the revocation query nor a worker thread on each request. Runs on the event loop."""
+    second pays neither the revocation query nor a worker thread on each request. Concurrent requests with the same
+    token wait for one check (when a grant lapses, 20 clients in flight cost one check, not 20). On the event loop."""
     token = bearer.credentials if bearer and bearer.scheme.lower() == "bearer" else \
         request.cookies.get(COOKIE_NAME_JWT_TOKEN)
-    key = RecentGrants.key(token, progress_page.UPGRADE_DAG_ID) if token else None
-    if key and recent_grants.granted(key):
+    if not token:
+        await _airflow_checks(request, bearer)  # 401
         return
+    key = RecentGrants.key(token, progress_page.UPGRADE_DAG_ID)
+    if recent_grants.granted(key):
+        return
+    check = _checks_in_flight.get(key)
+    if check is None:
+        check = asyncio.ensure_future(_check_and_grant(request, bearer, token, key))
+        _checks_in_flight[key] = check
+        check.add_done_callback(lambda done: _check_done(key, done))
+    await asyncio.shield(check)
+
+
+def _check_done(key: tuple[bytes, str], check: asyncio.Future) -> None:
+    _checks_in_flight.pop(key, None)
+    if not check.cancelled():
+        check.exception()  # retrieved: a refusal whose askers all went away is not logged as unhandled
+
+
+_checks_in_flight: dict[tuple[bytes, str], asyncio.Future] = {}
+
+
+async def _check_and_grant(request: Request, bearer: HTTPAuthorizationCredentials | None, token: str,
+                           key: tuple[bytes, str]) -> None:
+    await _airflow_checks(request, bearer)
+    recent_grants.grant(key, _expiry(token))
+
+
+async def _airflow_checks(request: Request, bearer: HTTPAuthorizationCredentials | None) -> None:
     user = await get_user(request, None, bearer)
     await run_in_threadpool(_check_dag_run_read, request, user)
-    if token and key:
-        recent_grants.grant(key, _expiry(token))
 
 
 def _expiry(token: str) -> float | None:
