@@ -89,3 +89,31 @@ def test_shared_reads_read_once_for_concurrent_requests_and_again_after_the_ttl(
     assert answers == [1] * 20 and len(reads) == 1
     time.sleep(0.35)
     assert cache.get("orders-db", slow_read) == 2
+
+
+def test_while_one_caller_reads_again_the_others_get_the_previous_value_only_within_the_grace():
+    from plugins.pgactive_upgrade_progress import RecentReads
+
+    cache = RecentReads(seconds=0.2, grace=0.3)
+    assert cache.peek("orders-db") is None
+    assert cache.get("orders-db", lambda: "first") == "first"
+    assert cache.peek("orders-db") == ("first",)
+    time.sleep(0.25)
+    assert cache.peek("orders-db") is None, "stale and nobody reading: this caller is the one to read"
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_read():
+        reading.set()
+        release.wait(5)
+        return "second"
+
+    reader = threading.Thread(target=lambda: cache.get("orders-db", slow_read))
+    reader.start()
+    assert reading.wait(5)
+    assert cache.peek("orders-db") == ("first",), "within the grace, the others are not held up by the read"
+    time.sleep(0.3)  # now 0.55 s after the first read: past seconds + grace
+    assert cache.peek("orders-db") is None, "past the grace the previous value is not answered any more"
+    release.set()
+    reader.join(5)
+    assert cache.peek("orders-db") is None, "a value is as old as its read's start: this one is stale already"
+    assert cache.get("orders-db", lambda: "third") == "third" and cache.peek("orders-db") == ("third",)
