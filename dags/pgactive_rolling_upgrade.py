@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from typing import Any
 
 from airflow.sdk import DAG, TaskGroup, chain, task_group
 
@@ -49,7 +50,7 @@ from pgactive_upgrade.airflow.params import upgrade_params
 # deferring process, Airflow 3.3 fails the resumed try (apache/airflow#67287, #72716; a fleet of upgrades made it
 # happen, tests/airflow_real/test_deferral_race.py reproduces it). These steps start over safely, and their real
 # failures raise AirflowFailException, which Airflow never retries.
-DEFERS = {"retries": 2, "retry_delay": timedelta(seconds=10)}
+DEFERS: dict[str, Any] = {"retries": 2, "retry_delay": timedelta(seconds=10)}
 # Many upgrades on one Airflow: the deployment may cap how many of their steps compute at once with a pool of its
 # own, named here through the environment (README: "A fleet of upgrades"). Deferred steps hold no slot of it; the
 # cutover's watchdog and the rollback DAG never wait behind it.
