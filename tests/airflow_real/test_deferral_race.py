@@ -5,8 +5,8 @@ When a deferral's trigger fires before the scheduler has handled the executor's 
 deferred, the scheduler queues the resumed try first, then takes that stale success for the resumed try's own end
 and fails it ("finished with state success, but the task instance's state attribute is queued"). Under a fleet of
 upgrades (bench/fleet.py) the scheduler fell 20 s behind and this failed health checks and the cutover watchdog
-after a cutover that had worked. The test makes the scheduler late on purpose (SIGSTOP while the step is deferred,
-SIGCONT once the trigger has fired) and asserts the race happened and the run still succeeded.
+after a cutover that had worked. The test makes the scheduler late on purpose (SIGSTOP before the step defers,
+SIGCONT once its trigger has fired) and asserts the race happened and the run still succeeded.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.airflow_real.runs import states_of, wait_for_state
+from tests.airflow_real.runs import states_of
 from topology.demo import demo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
@@ -31,16 +31,21 @@ def mismatches(airflow, run_id: str) -> list[str]:
     return [line for line in log.splitlines() if MISMATCH in line and run_id in line]
 
 
-def hold_scheduler_until_resumed(airflow, run_id: str, task: str, timeout: float = 60) -> None:
-    """Stop the scheduler while the task is deferred; let it go once the trigger has fired (the task scheduled
-    again): its next loop queues the resumed try, then reads the stale success of the deferring process."""
-    wait_for_state(airflow, UPGRADE, run_id, task, "deferred", timeout=240)
+def hold_scheduler_until_resumed(airflow, run_id: str, task: str, timeout: float = 90) -> None:
+    """Stop the scheduler once a worker runs the task (best before it defers; just after, the scheduler has seldom
+    read the deferring process's exit yet). The task defers and its process exits while the scheduler sleeps, the
+    trigger fires and the task is scheduled again. Let go, the scheduler's next loop queues the resumed try, then
+    reads the deferring process's stale success."""
+    deadline = time.monotonic() + 240
+    while (state := states_of(airflow, UPGRADE, run_id).get(task)) not in ("running", "deferred"):
+        assert state not in ("success", "failed") and time.monotonic() < deadline, f"{task} ended unseen: {state}"
+        time.sleep(0.05)
     scheduler = airflow._read_pid("scheduler")
     os.kill(scheduler, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + timeout
-        while states_of(airflow, UPGRADE, run_id).get(task) == "deferred":
-            assert time.monotonic() < deadline, f"{task}'s trigger never fired"
+        while states_of(airflow, UPGRADE, run_id).get(task) != "scheduled":  # deferred, then its trigger fired
+            assert time.monotonic() < deadline, f"{task} was not scheduled again: {states_of(airflow, UPGRADE, run_id)}"
             time.sleep(0.2)
         time.sleep(1)  # the deferring process's exit reaches the executor's result queue
     finally:
