@@ -139,6 +139,10 @@ def test_a_failed_step_is_recorded_failed_with_its_error_line(ready):
     # Who cleared or marked which task: Airflow's audit log, in the upgrade's audit trail.
     airflow.api("POST", f"dags/{UPGRADE}/clearTaskInstances",
                 {"dag_run_id": run_id, "task_ids": ["preflight"], "only_failed": True, "dry_run": False})
+    # The run is running again until preflight's second try fails: the next test's upgrade of the same source
+    # would be refused meanwhile (one upgrade per source).
+    wait_until(lambda: (ti := airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/preflight"))
+               ["try_number"] == 2 and ti["state"] == "failed", 180, "preflight's second try failed")
     assert airflow.wait_for_run(UPGRADE, run_id, timeout=180) == "failed"
     airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/provision_target", {"new_state": "skipped"})
     acted = [(e["what"], e["who"]) for e in audit_of(airflow)["entries"] if e["origin"] == "event_log"]
