@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from psycopg2 import sql
 
@@ -23,7 +24,7 @@ from pgactive_upgrade.identifiers import slug
 from pgactive_upgrade.secret_sql import execute_unlogged
 from pgactive_upgrade.db import Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication.base import Joining, Lag, Node, ReplicationDriver, ReplicationError
+from pgactive_upgrade.replication.base import ApplyErrors, Joining, Lag, Node, ReplicationDriver, ReplicationError
 
 STATUS_NAMES = {"b": "beginning", "i": "initializing", "c": "catching up", "o": "creating outbound slots",
                 "r": "ready", "k": "detached"}
@@ -43,6 +44,16 @@ _NEW_CONFLICT_ROWS = ("SELECT conflict_id, conflict_type::text, object_schema, o
                       f"local_conflict_time {_NEW_CONFLICTS} ORDER BY conflict_id LIMIT %s")
 _NEW_CONFLICT_COUNT = f"SELECT count(*), max(conflict_id) {_NEW_CONFLICTS}"
 _NO_MARK = 2**63 - 1
+_WORKER_ERRORS = (
+    "SELECT w.worker_type, (SELECT n.node_name FROM pgactive.pgactive_nodes n WHERE n.node_sysid = w.sysid "
+    "AND n.node_timeline = w.timeline AND w.worker_type <> 'per-db' LIMIT 1), w.last_error, w.last_error_time "
+    "FROM pgactive.pgactive_get_workers_info() w WHERE w.last_error IS NOT NULL AND w.last_error <> 'none' "
+    "AND w.dboid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY w.last_error_time"
+)
+
+
+def _time_order(moment: datetime | None) -> datetime:
+    return moment or datetime.min.replace(tzinfo=UTC)
 
 
 class JoinFailed(ReplicationError):
@@ -495,7 +506,7 @@ class PgactiveDriver(ReplicationDriver):
         except Exception:
             return False
 
-    def problems(self, conflicts: bool = True) -> list[str]:
+    def problems(self, conflicts: bool = True, apply_errors: bool = True) -> list[str]:
         problems = []
         lag = self.lag()
         if lag.bytes is None:
@@ -514,11 +525,28 @@ class PgactiveDriver(ReplicationDriver):
             except Exception as error:
                 problems.append(f"{node.identifier}: cannot read pgactive state: {type(error).__name__}")
                 continue
-            if errors:
+            if errors and apply_errors:  # otherwise health_check names the new ones (sort_apply_errors)
                 problems.append(f"{node.identifier}: pgactive worker errors: {errors}")
             if new_conflicts and conflicts:
                 problems.append(f"{node.identifier}: {new_conflicts} new pgactive conflict(s) in pgactive_conflict_history")
         return problems + self.schema_problems()
+
+    def apply_errors(self) -> ApplyErrors:
+        """The last error of each pgactive worker (pgactive keeps one per worker, in shared memory: an error code
+        such as pgactive_apply_failure and its time; the message is in the node's server log) recorded after the
+        baseline's time for that node. The marks: each node's newest error time."""
+        named, marks = [], {}
+        for node in self.nodes:
+            seen = (self.apply_error_baseline or {}).get(node.identifier) or ""
+            since = datetime.fromisoformat(seen) if seen else None
+            with self._connect(node) as connection:
+                rows = [row for row in query(connection, _WORKER_ERRORS) if row[3] is not None]
+            newer = [row for row in rows if since is None or row[3] > since]
+            marks[node.identifier] = max([since, *(row[3] for row in rows)], key=_time_order).isoformat() \
+                if (since or rows) else ""
+            named += [f"{node.identifier}: {kind} worker{f' (node {peer})' if peer else ''}: "
+                      f"{error.splitlines()[0][:200]} at {when:%Y-%m-%d %H:%M:%S%z}" for kind, peer, error, when in newer]
+        return ApplyErrors(named, marks)
 
     def conflict_marks(self) -> dict[str, int]:
         """The newest conflict id per node: pass it back as conflict_baseline to only hear of later conflicts."""
