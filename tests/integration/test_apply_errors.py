@@ -103,6 +103,10 @@ def test_an_apply_error_fails_the_phase_while_stuck_then_asks_once_it_flows_and_
     if driver == "native":
         assert recovered.apply_errors[0].startswith("orders-db-pg17: subscription pgu_orders_db_fwd: ")
         assert "new apply error(s)" in recovered.apply_errors[0] and "server log" in recovered.apply_errors[0]
+    else:  # the source's apply worker, from the target; pgactive cleared its last error once it applied again
+        assert recovered.apply_errors[0].startswith("orders-db: apply worker (from orders-db-pg17): ")
+        assert "failed apply transaction(s)" in recovered.apply_errors[0], recovered.apply_errors
+    print(f"\n{driver}: named for the operator: {recovered.apply_errors}; while stuck: {stuck.problems}")
     assert not any("clash-" in line for line in recovered.apply_errors), "no row data in the question"
     assert not recovered.healthy
 

@@ -75,6 +75,11 @@ class ApplyErrors:
     marks: dict = field(default_factory=dict)
 
 
+def counted_beyond(count: int, seen: int) -> int:
+    """What a counter counted after the mark `seen`; a count below it was reset (a restart, a stats reset)."""
+    return count - seen if count >= seen else count
+
+
 @dataclass(frozen=True)
 class HealthLimits:
     """What the health checks hold replication to (the request's settings of the same names)."""

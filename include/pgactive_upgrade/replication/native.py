@@ -18,7 +18,9 @@ from pgactive_upgrade.config import Filters
 from pgactive_upgrade.secret_sql import execute_unlogged
 from pgactive_upgrade.db import conninfo, execute, libpq_environment, qualified, query, server_major
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication.base import MARKER_TABLE, ApplyErrors, Lag, ReplicationDriver, ReplicationError
+from pgactive_upgrade.replication.base import (
+    MARKER_TABLE, ApplyErrors, Lag, ReplicationDriver, ReplicationError, counted_beyond,
+)
 from pgactive_upgrade.tools import find_program
 
 
@@ -219,7 +221,7 @@ class NativeDriver(ReplicationDriver):
             for subscription, apply_count, sync_count in rows:
                 key = f"{node.identifier}/{subscription}"
                 seen_apply, seen_sync = (self.apply_error_baseline or {}).get(key) or (0, 0)
-                new_apply, new_sync = _beyond(apply_count, seen_apply), _beyond(sync_count, seen_sync)
+                new_apply, new_sync = counted_beyond(apply_count, seen_apply), counted_beyond(sync_count, seen_sync)
                 marks[key] = [apply_count, sync_count]
                 if new_apply or new_sync:
                     named.append(f"{node.identifier}: subscription {subscription}: {new_apply} new apply error(s), "
@@ -363,11 +365,6 @@ _SUBSCRIPTION_ERRORS = (
     "JOIN pg_subscription s ON s.oid = st.subid WHERE s.subname = ANY(%s) "
     "AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY s.subname"
 )
-
-
-def _beyond(count: int, seen: int) -> int:
-    """Errors counted after the mark `seen`; a count below it was reset (pg_stat_reset_subscription_stats)."""
-    return count - seen if count >= seen else count
 
 
 def streams_in_progress(subscriber_major: int, publisher_major: int) -> bool:
