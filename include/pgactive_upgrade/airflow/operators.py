@@ -203,7 +203,9 @@ class BuildReplicationOperator(UpgradeStepOperator):
             self.defer(trigger=JoinTrigger(driver=upgrade.request.replication_driver, source=_node_spec(link.source),
                                            target=_node_spec(link.target), db_conn_id=upgrade.request.db_conn_id),
                        method_name="after_join")
-        return {**result, "conflict_baseline": upgrade.conflict_marks()}
+        # Apply failures during the build (a pgactive join retries its applies) are the package's own, not asked about.
+        return {**result, "conflict_baseline": upgrade.conflict_marks(),
+                "apply_error_baseline": upgrade.driver().apply_errors().marks}
 
     def after_join(self, context, event: dict[str, Any] | None = None) -> Any:
         event = checked_event(event, "ready", "failed")
@@ -215,7 +217,8 @@ class BuildReplicationOperator(UpgradeStepOperator):
         return self.execute(context)
 
     def progress_fields(self, result):
-        return {"conflict_baseline": result["conflict_baseline"]}
+        return {"conflict_baseline": result["conflict_baseline"],
+                "apply_error_baseline": result.get("apply_error_baseline") or {}}
 
 
 class WaitForSyncSensor(BaseSensorOperator):
