@@ -46,7 +46,10 @@ class HealthReport:
     lag_high: lag above the threshold is waited for, then an operator decides (lag_causes name what holds it back);
     conflicts: new replication conflicts, one line per row: an operator decides (accept, or roll back);
     conflict_marks: where each node's conflict history stood when they were listed, the baseline once they are judged
-    (a conflict logged while the check ran is named by the next check, never taken as seen)."""
+    (a conflict logged while the check ran is named by the next check, never taken as seen);
+    apply_errors: errors the apply/sync workers recorded after the baseline while replication still flows, one line
+    per worker: an operator decides (accept, or roll back); with replication not flowing they are problems instead
+    (see Upgrade.health_check); apply_error_marks: the baseline once they are judged."""
 
     lag: Any
     threshold_bytes: int
@@ -54,6 +57,8 @@ class HealthReport:
     lag_causes: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     conflict_marks: dict[str, int] = field(default_factory=dict)
+    apply_errors: list[str] = field(default_factory=list)
+    apply_error_marks: dict = field(default_factory=dict)
 
     @property
     def lag_high(self) -> bool:
@@ -61,11 +66,11 @@ class HealthReport:
 
     @property
     def healthy(self) -> bool:
-        return not (self.problems or self.lag_high or self.conflicts)
+        return not (self.problems or self.lag_high or self.conflicts or self.apply_errors)
 
     def all_problems(self) -> list[str]:
         lag = [f"replication lag {self.lag.bytes} bytes above the threshold {self.threshold_bytes}"] if self.lag_high else []
-        return self.problems + lag + self.lag_causes + self.conflicts
+        return self.problems + lag + self.lag_causes + self.conflicts + self.apply_errors
 
     def __iter__(self):
         """(every problem, lag): what health_check returned before the report sorted them."""

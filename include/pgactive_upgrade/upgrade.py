@@ -401,18 +401,24 @@ class Upgrade:
         """Where each node's conflict history stands now (active-active drivers); {} when the driver has none."""
         return self.driver().conflict_marks()
 
-    def health_check(self, conflict_baseline: dict | None = None) -> health.HealthReport:
+    def health_check(self, conflict_baseline: dict | None = None,
+                     apply_error_baseline: dict | None = None) -> health.HealthReport:
         """What a phase's checks find, sorted by what happens next (see health.HealthReport).
-        conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count."""
+        conflict_baseline: conflicts an operator already saw (see conflict_marks); only later ones count;
+        apply_error_baseline: the same for apply errors (a report's apply_error_marks)."""
         driver = self.driver()
         if conflict_baseline is not None:
             driver.conflict_baseline = conflict_baseline
-        problems = driver.problems(conflicts=False)
+        if apply_error_baseline is not None:
+            driver.apply_error_baseline = apply_error_baseline
+        problems = driver.problems(conflicts=False, apply_errors=False)
         marks = driver.conflict_marks()  # before the listing: what is listed is exactly what the marks cover
         conflicts = driver.conflicts(up_to=marks)
+        errors = driver.apply_errors()
         lag = driver.lag()
         report = health.HealthReport(lag=lag, threshold_bytes=self.request.lag_threshold_bytes, problems=problems,
-                                     conflicts=conflicts, conflict_marks=marks)
+                                     conflicts=conflicts, conflict_marks=marks, apply_errors=errors.named,
+                                     apply_error_marks=errors.marks)
         if report.lag_high:
             report.lag_causes = driver.lag_causes(lag)
         probe_problems = self._probe_problems()
@@ -423,8 +429,9 @@ class Upgrade:
                 report.problems += self.compare_latency().problems
             except psycopg2.Error as error:  # a node unreachable now: the phase cannot be judged healthy
                 report.problems.append(f"latency comparison could not run: {latency.reason(error)}")
-        emit("health_checked", problems=len(report.problems), conflicts=len(conflicts), lag_bytes=lag.bytes,
-             lag_high=report.lag_high)
+        sort_apply_errors(report, driver)
+        emit("health_checked", problems=len(report.problems), conflicts=len(conflicts),
+             apply_errors=len(report.apply_errors), lag_bytes=lag.bytes, lag_high=report.lag_high)
         return report
 
     def _probe_problems(self) -> list[str]:
@@ -551,3 +558,23 @@ def verify_error(report: verify.Report, behind: dict) -> verify.VerificationErro
     parts = [d.describe() for d in report.divergences]
     parts += [f"sequence {name}: source {a}, target {b}" for name, (a, b) in behind.items()]
     return verify.VerificationError("verification failed: " + "; ".join(parts))
+
+
+def sort_apply_errors(report: health.HealthReport, driver) -> None:
+    """Apply errors go to an operator only when they were recorded while replication still works: nothing else is
+    wrong, lag is within the threshold and a row written now reaches the other node (flow_problem). Otherwise they
+    stay with what happens anyway: named among the problems (the phase fails) or among the lag's causes."""
+    if not report.apply_errors:
+        return
+    named = [f"apply error: {line}" for line in report.apply_errors]
+    if report.problems:
+        report.problems += named
+    elif report.lag_high:  # not judged yet: the baseline stays where it was
+        report.lag_causes += named
+        report.apply_error_marks = dict(driver.apply_error_baseline or {})
+    else:
+        stalled = driver.flow_problem()
+        if stalled is None:
+            return
+        report.problems += [stalled, *named]
+    report.apply_errors = []

@@ -89,6 +89,28 @@ def test_new_conflicts_count_from_the_baseline_an_operator_saw():
     assert new_conflicts({"orders-db": 9}, {"orders-db": 3}) == 0, "a history cleaned meanwhile counts nothing"
 
 
+def test_apply_errors_get_their_own_kind_and_are_named_in_the_question_with_the_accept_options():
+    from pgactive_upgrade.health import HealthReport
+
+    errors = ["orders-db: apply worker (node orders-db-pg17): pgactive_apply_failure at 2026-11-30 13:50:01+0000"]
+    conflicts = ["orders-db: conflict_id 4 insert_insert on billing.invoice_lines, last_update_wins_keep_local, at ..."]
+    kinds = {(bool(c), bool(e)): operators.decision_kind(HealthReport(lag=None, threshold_bytes=0, conflicts=c,
+                                                                      apply_errors=e))
+             for c in ([], conflicts) for e in ([], errors) if c or e}
+    assert kinds == {(True, False): "conflicts", (False, True): "apply_errors",
+                     (True, True): "conflicts_and_apply_errors"}
+    question = gates._accept_question({"gate": "apply_errors", "apply_errors": errors, "conflicts": []},
+                                      "phase 1 (50 %)", "orders-db")
+    assert question.kind == "apply_errors"
+    assert question.subject == "Replication apply errors after phase 1 (50 %) of orders-db"
+    assert f"- {errors[0]}" in question.body and "conflict" not in question.body
+    assert question.options == (gates.ACCEPT, gates.ROLL_BACK, gates.STOP)
+    both = gates._accept_question({"gate": "conflicts_and_apply_errors", "apply_errors": errors, "conflicts": conflicts},
+                                  "phase 0 (10 %)", "orders-db")
+    assert both.subject == "Replication conflicts and apply errors after phase 0 (10 %) of orders-db"
+    assert f"- {conflicts[0]}" in both.body and f"- {errors[0]}" in both.body
+
+
 def test_gates_are_the_providers_hitl_operator_and_accept_every_answer_they_may_offer():
     from airflow.providers.standard.operators.hitl import HITLOperator
 

@@ -2,7 +2,7 @@
 Actions or the REST API (`PATCH .../taskInstances/{task}/{map_index}/hitlDetails`), whether the upgrade goes on.
 
 Each gate asks only when its situation arises (an approval the conf asks for, lag that stayed high after a phase,
-new conflicts); otherwise it succeeds at once. It never waits forever: after `gate_timeout_minutes` Airflow applies
+new conflicts or apply errors); otherwise it succeeds at once. It never waits forever: after `gate_timeout_minutes` Airflow applies
 `gate_timeout_answer` (Stop or Roll back, never a way forward). Every answer (who, when, what, or the timeout) goes
 into the progress record's `gates` and an event line; Airflow keeps the response and the call in its audit log.
 """
@@ -31,7 +31,7 @@ TIMEOUT = "timeout"  # who answered, when nobody did
 
 @dataclass(frozen=True)
 class Question:
-    kind: str  # cutover, decommission, lag, conflicts
+    kind: str  # cutover, decommission, lag, conflicts, apply_errors, conflicts_and_apply_errors
     subject: str
     body: str
     options: tuple[str, ...]
@@ -154,8 +154,9 @@ class ApprovalGateOperator(UpgradeGateOperator):
 
 class PhaseDecisionOperator(UpgradeGateOperator):
     """The last task of a traffic phase: asks when its health check escalated lag that stayed above the threshold
-    for lag_escalation_minutes, or found new conflicts; the next phase waits for this task. Keep waiting: waits
-    (deferred) for the lag to come under the threshold, and asks again after another lag_escalation_minutes."""
+    for lag_escalation_minutes, or found new conflicts or new apply errors while replication kept flowing; the next
+    phase waits for this task. Keep waiting: waits (deferred) for the lag to come under the threshold, and asks again
+    after another lag_escalation_minutes."""
 
     def __init__(self, *, check_task_id: str, poll_interval: float = 5.0, **kwargs):
         super().__init__(**kwargs)
@@ -175,13 +176,8 @@ class PhaseDecisionOperator(UpgradeGateOperator):
                             f"{request.lag_escalation_minutes} min if still high); **Continue**: the next phase goes "
                             "on; **Roll back**: every route back to the source; **Stop**: the run fails here.",
                             (KEEP_WAITING, CONTINUE, ROLL_BACK, STOP))
-        if found.get("gate") == "conflicts":
-            rows = "".join(f"\n- {row}" for row in found.get("conflicts") or [])
-            return Question("conflicts", f"Replication conflicts after {phase} of {request.source_identifier}",
-                            f"New conflicts (pgactive_conflict_history on each node):{rows}\n\n**Accept and continue**: "
-                            "these are accepted, only later ones are reported; **Roll back**: every route back to the "
-                            "source; **Stop**: the run fails here.",
-                            (ACCEPT, ROLL_BACK, STOP))
+        if found.get("gate") in ("conflicts", "apply_errors", "conflicts_and_apply_errors"):
+            return _accept_question(found, phase, request.source_identifier)
         return None
 
     def after_answer(self, context, request, answer, question_kind):
@@ -203,6 +199,23 @@ class PhaseDecisionOperator(UpgradeGateOperator):
                               replication_lag_bytes=event["lag_bytes"], lag_measured_at=progress.now())
             return {"answer": KEEP_WAITING, "lag_bytes": event["lag_bytes"]}
         return self.ask(context, request, self.question(context, request, lag_bytes=event["lag_bytes"]))
+
+
+def _accept_question(found: dict, phase: str, source: str) -> Question:
+    """New conflicts and/or apply errors recorded while replication kept flowing: accept them, or roll back."""
+    sections, what = [], []
+    if found.get("conflicts"):
+        what.append("conflicts")
+        sections.append("New conflicts (pgactive_conflict_history on each node):" +
+                        "".join(f"\n- {row}" for row in found["conflicts"]))
+    if found.get("apply_errors"):
+        what.append("apply errors")
+        sections.append("New apply errors, recorded while replication kept flowing (a row written after them reached "
+                        "the other node):" + "".join(f"\n- {line}" for line in found["apply_errors"]))
+    return Question(found["gate"], f"Replication {' and '.join(what)} after {phase} of {source}",
+                    "\n\n".join(sections) + "\n\n**Accept and continue**: these are accepted, only later ones are "
+                    "reported; **Roll back**: every route back to the source; **Stop**: the run fails here.",
+                    (ACCEPT, ROLL_BACK, STOP))
 
 
 def _figures(result: dict) -> str:

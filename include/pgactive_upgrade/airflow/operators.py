@@ -203,7 +203,9 @@ class BuildReplicationOperator(UpgradeStepOperator):
             self.defer(trigger=JoinTrigger(driver=upgrade.request.replication_driver, source=_node_spec(link.source),
                                            target=_node_spec(link.target), db_conn_id=upgrade.request.db_conn_id),
                        method_name="after_join")
-        return {**result, "conflict_baseline": upgrade.conflict_marks()}
+        # Apply failures during the build (a pgactive join retries its applies) are the package's own, not asked about.
+        return {**result, "conflict_baseline": upgrade.conflict_marks(),
+                "apply_error_baseline": upgrade.driver().apply_errors().marks}
 
     def after_join(self, context, event: dict[str, Any] | None = None) -> Any:
         event = checked_event(event, "ready", "failed")
@@ -215,7 +217,8 @@ class BuildReplicationOperator(UpgradeStepOperator):
         return self.execute(context)
 
     def progress_fields(self, result):
-        return {"conflict_baseline": result["conflict_baseline"]}
+        return {"conflict_baseline": result["conflict_baseline"],
+                "apply_error_baseline": result.get("apply_error_baseline") or {}}
 
 
 class WaitForSyncSensor(BaseSensorOperator):
@@ -387,8 +390,9 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
     def step(self, upgrade, context):
         source = upgrade.request.source_identifier
-        baseline = (state.read(progress.record_key(source)) or {}).get("conflict_baseline")
-        report = upgrade.health_check(baseline)
+        record = state.read(progress.record_key(source)) or {}
+        baseline = record.get("conflict_baseline")
+        report = upgrade.health_check(baseline, record.get("apply_error_baseline"))
         state.record_lag(source, context["run_id"], report.lag.bytes)  # a failing check's lag belongs in the chart too
         _report_conflicts(upgrade, baseline)
         comparison = upgrade.last_latency
@@ -402,11 +406,19 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
             # The failed task's result: what regressed, with both plans side by side.
             context["ti"].xcom_push(key="latency", value=comparison.as_dict() if comparison else None)
             self._fail_phase(upgrade, context, report)
-        if report.conflicts:  # the operator judges them at the decision gate; only newer ones count afterwards
-            state.record_step(context, source, self.task_id, "running", conflict_baseline=report.conflict_marks)
-            emit("conflicts_found", percent=int(self.percent), conflicts=len(report.conflicts), first=report.conflicts[0])
-            return {"percent": int(self.percent), "healthy": False, "gate": "conflicts", "lag_bytes": report.lag.bytes,
-                    "conflicts": report.conflicts}  # bounded by the driver: the first rows per node, then a count
+        if report.conflicts or report.apply_errors:  # the operator judges them at the decision gate; only newer
+            # ones count afterwards. Apply errors reach this far only while replication flows (sort_apply_errors).
+            state.record_step(context, source, self.task_id, "running", conflict_baseline=report.conflict_marks,
+                              apply_error_baseline=report.apply_error_marks)
+            if report.conflicts:
+                emit("conflicts_found", percent=int(self.percent), conflicts=len(report.conflicts),
+                     first=report.conflicts[0])
+            if report.apply_errors:
+                emit("apply_errors_found", percent=int(self.percent), apply_errors=len(report.apply_errors),
+                     first=report.apply_errors[0])
+            return {"percent": int(self.percent), "healthy": False, "gate": decision_kind(report),
+                    "lag_bytes": report.lag.bytes, "conflicts": report.conflicts,  # bounded by the driver: the
+                    "apply_errors": report.apply_errors}  # first rows per node, then a count; one line per worker
         if report.lag_high:
             emit("lag_high", percent=int(self.percent), lag_bytes=report.lag.bytes, causes=report.lag_causes)
             self.defer(trigger=lag_trigger(upgrade, context, self.poll_interval, fire_on_escalation=True),
@@ -418,7 +430,8 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
     def _fail_phase(self, upgrade: Upgrade, context, report: HealthReport) -> None:
         source, problems = upgrade.request.source_identifier, report.all_problems()
         # Conflicts reported now are the operator's to judge: a cleared check fails again only on newer ones.
-        state.record_step(context, source, self.task_id, "failed", conflict_baseline=report.conflict_marks)
+        state.record_step(context, source, self.task_id, "failed", conflict_baseline=report.conflict_marks,
+                          apply_error_baseline=report.apply_error_marks)
         with upgrade.acting(halted_check(context, upgrade)) as connection:  # a rollback owns the traffic once halted
             upgrade.check_not_switched(connection)
             restored = self._restore_last_healthy(upgrade, context)
@@ -663,6 +676,12 @@ def _report_conflicts(upgrade: Upgrade, baseline: dict | None) -> None:
         emit("conflicts_not_counted", error=type(error).__name__)
         return
     metrics.conflicts(upgrade.request.source_identifier, count)
+
+
+def decision_kind(report: HealthReport) -> str:
+    """What the phase's decision gate asks about: conflicts, apply_errors or conflicts_and_apply_errors."""
+    return "_and_".join(kind for kind, found in (("conflicts", report.conflicts), ("apply_errors", report.apply_errors))
+                        if found)
 
 
 def new_conflicts(baseline: dict | None, marks: dict) -> int:

@@ -28,7 +28,8 @@ def merge(key: str, fields: dict[str, Any]) -> dict:
 
 
 KEPT_ACROSS_RUNS = ("cut_over", "detached")  # what happened to the databases outlives the run that did it
-KEPT_WITHIN_RUN = ("split", "percent", "phase", "conflict_baseline", "replication_lag_bytes", "lag_measured_at", "gates",
+KEPT_WITHIN_RUN = ("split", "percent", "phase", "conflict_baseline", "apply_error_baseline", "replication_lag_bytes",
+                   "lag_measured_at", "gates",
                    "statistics_progress", "extensions_updated", "lag_history", "write_unavailable_ms")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -65,6 +67,20 @@ class Lag:
 
 
 @dataclass(frozen=True)
+class ApplyErrors:
+    """Errors the apply (or table sync) workers recorded after apply_error_baseline: `named`, one line per worker
+    (node, worker, what the server keeps of the error); `marks`, where each node's error record stood when they were
+    read: the baseline once an operator judged them."""
+    named: list[str] = field(default_factory=list)
+    marks: dict = field(default_factory=dict)
+
+
+def counted_beyond(count: int, seen: int) -> int:
+    """What a counter counted after the mark `seen`; a count below it was reset (a restart, a stats reset)."""
+    return count - seen if count >= seen else count
+
+
+@dataclass(frozen=True)
 class HealthLimits:
     """What the health checks hold replication to (the request's settings of the same names)."""
     lag_threshold_bytes: int = 1 << 20
@@ -75,6 +91,8 @@ class ReplicationDriver(ABC):
     name: ClassVar[str]
     active_active: ClassVar[bool]
     conflict_baseline: dict[str, int] | None = None  # conflicts an operator already saw (active-active drivers)
+    apply_error_baseline: dict | None = None  # apply errors an operator already saw (see apply_errors)
+    flow_check_seconds: float = 15.0  # how long a marker row may take to reach the other node (flow_problem)
     health_limits: HealthLimits = HealthLimits()
 
     def __init__(self, link: Link):
@@ -131,10 +149,34 @@ class ReplicationDriver(ABC):
         """Where each node's conflict history stands now; {} for a driver that cannot conflict."""
         return {}
 
-    def problems(self, conflicts: bool = True) -> list[str]:
+    def problems(self, conflicts: bool = True, apply_errors: bool = True) -> list[str]:
         """Health problems of the replication right now; empty when healthy.
-        conflicts: False leaves out the conflicts `conflicts()` names (a health check asks an operator about them)."""
+        conflicts: False leaves out the conflicts `conflicts()` names (a health check asks an operator about them);
+        apply_errors: False leaves out the errors `apply_errors()` names (health_check sorts them: sort_apply_errors)."""
         return self.lag_problems(self.lag()) + self.schema_problems()
+
+    def apply_errors(self) -> ApplyErrors:
+        """Errors the apply and sync workers recorded after apply_error_baseline; none for a driver keeping none."""
+        return ApplyErrors()
+
+    def flow_problem(self) -> str | None:
+        """None when replication flows now: a marker row written on each publishing node reaches the other within
+        flow_check_seconds (apply is in commit order, so a worker stuck on an earlier change never applies it);
+        otherwise what did not arrive."""
+        for side in sorted(self.publishing_nodes()):
+            writer, reader = (self.source, self.target) if side == "source" else (self.target, self.source)
+            other = self.link.target if side == "source" else self.link.source
+            token = f"flow-{uuid.uuid4().hex}"
+            with writer() as connection:
+                self.write_marker(connection, token)
+            deadline = time.monotonic() + self.flow_check_seconds
+            with reader() as connection:
+                while not self.has_marker(connection, token):
+                    if time.monotonic() > deadline:
+                        return (f"replication towards {other.identifier} is not flowing: a row written on the {side} "
+                                f"did not arrive within {self.flow_check_seconds:.0f} s")
+                    time.sleep(0.2)
+        return None
 
     def lag_problems(self, lag: Lag) -> list[str]:
         return [] if lag.bytes is not None else [f"replication lag unknown: {lag.detail}"]

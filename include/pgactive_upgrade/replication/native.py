@@ -18,7 +18,9 @@ from pgactive_upgrade.config import Filters
 from pgactive_upgrade.secret_sql import execute_unlogged
 from pgactive_upgrade.db import conninfo, execute, libpq_environment, qualified, query, server_major
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication.base import MARKER_TABLE, Lag, ReplicationDriver, ReplicationError
+from pgactive_upgrade.replication.base import (
+    MARKER_TABLE, ApplyErrors, Lag, ReplicationDriver, ReplicationError, counted_beyond,
+)
 from pgactive_upgrade.tools import find_program
 
 
@@ -203,8 +205,29 @@ class NativeDriver(ReplicationDriver):
         )
         return max(0, rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def problems(self, conflicts: bool = True) -> list[str]:
-        return super().problems(conflicts) + self._unpublished_tables()
+    def problems(self, conflicts: bool = True, apply_errors: bool = True) -> list[str]:
+        errors = self.apply_errors().named if apply_errors else []
+        return super().problems(conflicts, apply_errors) + self._unpublished_tables() + errors
+
+    def apply_errors(self) -> ApplyErrors:
+        """Errors counted by pg_stat_subscription_stats (PostgreSQL 15+) for this link's subscriptions beyond the
+        baseline's counts. PostgreSQL keeps counts only: the SQLSTATE and message are in the subscriber's server log.
+        The marks: [apply_error_count, sync_error_count] per node/subscription (a count below its mark was reset)."""
+        named, marks = [], {}
+        for node, connect in ((self.link.target, self.target), (self.link.source, self.source)):
+            with connect() as connection:
+                rows = query(connection, _SUBSCRIPTION_ERRORS, ([self.forward, self.reverse],)) \
+                    if server_major(connection) >= 15 else []
+            for subscription, apply_count, sync_count in rows:
+                key = f"{node.identifier}/{subscription}"
+                seen_apply, seen_sync = (self.apply_error_baseline or {}).get(key) or (0, 0)
+                new_apply, new_sync = counted_beyond(apply_count, seen_apply), counted_beyond(sync_count, seen_sync)
+                marks[key] = [apply_count, sync_count]
+                if new_apply or new_sync:
+                    named.append(f"{node.identifier}: subscription {subscription}: {new_apply} new apply error(s), "
+                                 f"{new_sync} new table sync error(s) ({apply_count} and {sync_count} in all; the "
+                                 f"SQLSTATE and message are in {node.identifier}'s server log)")
+        return ApplyErrors(named, marks)
 
     def publishing_nodes(self) -> set[str]:
         with self.target() as target:
@@ -335,6 +358,13 @@ FROM pg_stat_activity
 WHERE backend_type = 'client backend' AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()
 ORDER BY xact_start LIMIT 1
 """
+
+
+_SUBSCRIPTION_ERRORS = (
+    "SELECT s.subname, st.apply_error_count, st.sync_error_count FROM pg_stat_subscription_stats st "
+    "JOIN pg_subscription s ON s.oid = st.subid WHERE s.subname = ANY(%s) "
+    "AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY s.subname"
+)
 
 
 def streams_in_progress(subscriber_major: int, publisher_major: int) -> bool:

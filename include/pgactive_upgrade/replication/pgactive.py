@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from psycopg2 import sql
 
@@ -23,7 +24,9 @@ from pgactive_upgrade.identifiers import slug
 from pgactive_upgrade.secret_sql import execute_unlogged
 from pgactive_upgrade.db import Endpoint, connected, execute, qualified, query
 from pgactive_upgrade.events import emit
-from pgactive_upgrade.replication.base import Joining, Lag, Node, ReplicationDriver, ReplicationError
+from pgactive_upgrade.replication.base import (
+    ApplyErrors, Joining, Lag, Node, ReplicationDriver, ReplicationError, counted_beyond,
+)
 
 STATUS_NAMES = {"b": "beginning", "i": "initializing", "c": "catching up", "o": "creating outbound slots",
                 "r": "ready", "k": "detached"}
@@ -43,6 +46,42 @@ _NEW_CONFLICT_ROWS = ("SELECT conflict_id, conflict_type::text, object_schema, o
                       f"local_conflict_time {_NEW_CONFLICTS} ORDER BY conflict_id LIMIT %s")
 _NEW_CONFLICT_COUNT = f"SELECT count(*), max(conflict_id) {_NEW_CONFLICTS}"
 _NO_MARK = 2**63 - 1
+# This database's workers: its per-db worker, and the apply workers whose (sysid, timeline, dboid) is the peer node
+# they apply from (an apply worker's dboid is the peer's database, not this one).
+_WORKER_ERRORS = (
+    "SELECT w.worker_type, n.node_name, w.last_error, w.last_error_time FROM pgactive.pgactive_get_workers_info() w "
+    "LEFT JOIN pgactive.pgactive_nodes n ON w.worker_type <> 'per-db' AND (n.node_sysid, n.node_timeline, "
+    "n.node_dboid) = (w.sysid, w.timeline, w.dboid) WHERE w.last_error IS NOT NULL AND w.last_error <> 'none' "
+    "AND (n.node_name IS NOT NULL OR (w.worker_type = 'per-db' AND w.dboid = "
+    "(SELECT oid FROM pg_database WHERE datname = current_database()))) ORDER BY w.last_error_time"
+)
+
+
+# Per peer node: the transactions this database's apply worker from it rolled back. The replication origin of a
+# peer is named pgactive_<its sysid>_<its timeline>_<its dboid>_<this dboid>_.
+_APPLY_ROLLBACKS = (
+    "SELECT n.node_name, s.nr_rollback FROM pgactive.pgactive_get_stats() s JOIN pgactive.pgactive_nodes n ON "
+    "s.riremoteid = format('pgactive_%s_%s_%s_%s_', n.node_sysid, n.node_timeline, n.node_dboid, "
+    "(SELECT oid FROM pg_database WHERE datname = current_database())) ORDER BY n.node_name"
+)
+
+
+def _named_apply_errors(node: str, newer: dict, failed: dict) -> list[str]:
+    """One line per worker: rolled-back applies and/or its last error, whichever is new."""
+    lines = []
+    for peer in sorted(set(failed) | {peer for kind, peer in newer if kind == "apply" and peer}):
+        error = newer.pop(("apply", peer), None)
+        last = (f"last error {error[0].splitlines()[0][:100]} at {error[1]:%Y-%m-%d %H:%M:%S%z}" if error
+                else "its last error no longer recorded (the worker applied again since)")
+        lines.append(f"{node}: apply worker (from {peer}): {failed.get(peer, 0)} failed apply transaction(s), {last}; "
+                     f"the message is in {node}'s server log")
+    lines += [f"{node}: {kind} worker{f' (from {peer})' if peer else ''}: {error.splitlines()[0][:100]} at "
+              f"{when:%Y-%m-%d %H:%M:%S%z}" for (kind, peer), (error, when) in newer.items()]
+    return lines
+
+
+def _time_order(moment: datetime | None) -> datetime:
+    return moment or datetime.min.replace(tzinfo=UTC)
 
 
 class JoinFailed(ReplicationError):
@@ -296,13 +335,8 @@ class PgactiveDriver(ReplicationDriver):
 
     @staticmethod
     def _last_errors(connection) -> list[str]:
-        rows = query(
-            connection,
-            "SELECT worker_type, last_error, last_error_time FROM pgactive.pgactive_get_workers_info() "
-            "WHERE last_error IS NOT NULL AND last_error <> 'none' "
-            "AND dboid = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        return [f"{kind}: {error} at {when:%H:%M:%S}" for kind, error, when in rows]
+        return [f"{kind}{f' (from {peer})' if peer else ''}: {error} at {when:%H:%M:%S}"
+                for kind, peer, error, when in query(connection, _WORKER_ERRORS)]
 
     def grant_conflict_lookup(self) -> list[str]:
         """Let the owners of replicated tables resolve and log conflicts, on both nodes.
@@ -495,7 +529,7 @@ class PgactiveDriver(ReplicationDriver):
         except Exception:
             return False
 
-    def problems(self, conflicts: bool = True) -> list[str]:
+    def problems(self, conflicts: bool = True, apply_errors: bool = True) -> list[str]:
         problems = []
         lag = self.lag()
         if lag.bytes is None:
@@ -514,11 +548,32 @@ class PgactiveDriver(ReplicationDriver):
             except Exception as error:
                 problems.append(f"{node.identifier}: cannot read pgactive state: {type(error).__name__}")
                 continue
-            if errors:
+            if errors and apply_errors:  # otherwise health_check names the new ones (sort_apply_errors)
                 problems.append(f"{node.identifier}: pgactive worker errors: {errors}")
             if new_conflicts and conflicts:
                 problems.append(f"{node.identifier}: {new_conflicts} new pgactive conflict(s) in pgactive_conflict_history")
         return problems + self.schema_problems()
+
+    def apply_errors(self) -> ApplyErrors:
+        """Apply failures on each node after the baseline, per peer it applies from: the transactions its apply
+        worker rolled back (pgactive_get_stats' nr_rollback; pgactive decodes committed transactions only, so each
+        is a failed apply) and the worker's last error (pgactive_get_workers_info: an error code such as
+        pgactive_apply_failure and its time, cleared once the worker applies again). Both live in shared memory; the
+        message is in the node's server log. The marks: per node, the newest error time and the rollback counts."""
+        named, marks = [], {}
+        for node in self.nodes:
+            seen = (self.apply_error_baseline or {}).get(node.identifier) or {}
+            since = datetime.fromisoformat(seen["error_at"]) if seen.get("error_at") else None
+            with self._connect(node) as connection:
+                errors = [row for row in query(connection, _WORKER_ERRORS) if row[3] is not None]
+                rollbacks = dict(query(connection, _APPLY_ROLLBACKS))
+            newer = {(kind, peer): (error, when) for kind, peer, error, when in errors if since is None or when > since}
+            failed = {peer: counted_beyond(count, (seen.get("rollbacks") or {}).get(peer, 0))
+                      for peer, count in rollbacks.items()}
+            newest = max([since, *(row[3] for row in errors)], key=_time_order)
+            marks[node.identifier] = {"error_at": newest.isoformat() if newest else "", "rollbacks": rollbacks}
+            named += _named_apply_errors(node.identifier, newer, {peer: n for peer, n in failed.items() if n})
+        return ApplyErrors(named, marks)
 
     def conflict_marks(self) -> dict[str, int]:
         """The newest conflict id per node: pass it back as conflict_baseline to only hear of later conflicts."""
