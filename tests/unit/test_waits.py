@@ -18,6 +18,8 @@ BOUNDED = {
     "replication.native.NativeDriver._drop_unread_reverse_slot": "5 s: a dead actor's slot creator ending",
     "replication.pgactive.PgactiveDriver._join_dead": "a few polls of the per-db worker",
     "replication.pgactive.PgactiveDriver._wait_without_perdb_worker": "30 s: pgactive's worker stopping",
+    "replication.base.ReplicationDriver.flow_problem": "15 s per publishing node, only when a health check found new "
+                                                       "apply errors with lag under the threshold: a marker row arrives",
     # build(wait=True) only (tests and benches): build_replication waits for the join deferred (JoinTrigger).
     "replication.pgactive.PgactiveDriver._wait_for_status": "the join, when a caller asks build() to wait",
 }
