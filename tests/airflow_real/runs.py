@@ -72,3 +72,22 @@ def wait_until(condition, timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def split_holds_while_the_gate_waits(airflow: LocalAirflow, topo, run_id: str, percent: int) -> None:
+    """A few seconds into the decision gate's wait: the next phase has not started, the split stays where it is."""
+    time.sleep(3)
+    assert states_of(airflow, UPGRADE, run_id).get("traffic_phase.shift[1]") not in ("running", "success")
+    assert topo.haproxy.get_weight("pg_read", "target") == percent, "the split holds while the gate waits"
+
+
+def accept_at_phase_0_and_never_asked_again(airflow: LocalAirflow, run_id: str, timeout: float) -> None:
+    """Accept and continue at traffic_phase.decide[0] through the REST API; the run succeeds, and what was accepted is
+    not asked about again: phase 1's check found nothing new and its gate did not ask."""
+    decide = "traffic_phase.decide"
+    answered = answer(airflow, run_id, decide, "Accept and continue", map_index=0)
+    assert answered["responded_by"]["name"] == airflow.username
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=timeout) == "success", states_of(airflow, UPGRADE, run_id)
+    details = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
+    assert [(d["task_instance"]["task_id"], d["task_instance"]["map_index"]) for d in details] == [(decide, 0)]
+    assert states_of(airflow, UPGRADE, run_id)[f"{decide}[1]"] == "success"

@@ -11,7 +11,11 @@ import time
 
 import pytest
 
-from tests.airflow_real.runs import UPGRADE, answer, pending_gates, record, states_of, wait_for_state, wait_until
+from tests.airflow_real.runs import (
+    UPGRADE, accept_at_phase_0_and_never_asked_again, pending_gates, record, split_holds_while_the_gate_waits,
+    states_of, wait_for_state, wait_until,
+)
+from tests.replication.replication_helpers import sql_all as sql
 from topology.demo import demo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
@@ -19,16 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 DECIDE, HEALTH_CHECK = "traffic_phase.decide", "traffic_phase.health_check"
 SETTLE_SECONDS = 25  # the error is made and fixed while phase 0's check settles
 CLASH_ID, CLASH_EMAIL = 900_000_001, "apply-clash@example.com"
-
-
-def sql(server, statement: str, params=None) -> list[tuple]:
-    connection = server.connect(dbname="app")
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        connection.close()
 
 
 def apply_errors_counted(topo) -> int:
@@ -73,19 +67,10 @@ def test_an_apply_error_while_split_asks_and_an_accept_through_the_api_lets_the_
     assert waiting["run_state"] == "awaiting_input" and waiting["pending_gate"]["kind"] == "apply_errors", waiting
     states = states_of(airflow, UPGRADE, run_id)
     assert states[f"{HEALTH_CHECK}[0]"] == "success", "the check handed the errors to the gate; it did not fail"
-    time.sleep(3)
-    assert states_of(airflow, UPGRADE, run_id).get("traffic_phase.shift[1]") not in ("running", "success")
-    assert topo.haproxy.get_weight("pg_read", "target") == 30, "the split holds (not restored) while the gate waits"
+    split_holds_while_the_gate_waits(airflow, topo, run_id, 30)  # not restored
 
-    answered = answer(airflow, run_id, DECIDE, "Accept and continue", map_index=0)
-    assert answered["responded_by"]["name"] == airflow.username
-    assert airflow.wait_for_run(UPGRADE, run_id, timeout=600) == "success", states_of(airflow, UPGRADE, run_id)
+    accept_at_phase_0_and_never_asked_again(airflow, run_id, timeout=600)
     took = time.monotonic() - started
-
-    # The accepted error is not asked about again: phase 1's check found nothing new and its gate did not ask.
-    details = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
-    assert [(d["task_instance"]["task_id"], d["task_instance"]["map_index"]) for d in details] == [(DECIDE, 0)]
-    assert states_of(airflow, UPGRADE, run_id)[f"{DECIDE}[1]"] == "success"
     done = wait_until(lambda: (r := record(airflow))["run_state"] == "success" and r, 90, "run_state success")
     (decision,) = done["gates"]
     assert (decision["task"], decision["kind"], decision["answer"], decision["by"], decision["timed_out"]) == (

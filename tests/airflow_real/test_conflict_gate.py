@@ -17,8 +17,10 @@ from pgactive_upgrade.config import Filters
 from pgactive_upgrade.db import Credentials, Endpoint
 from pgactive_upgrade.replication import Link, Node, driver_for
 from tests.airflow_real.runs import (
-    ROLLBACK, SOURCE, UPGRADE, answer, audit_of, pending_gates, record, states_of, wait_for_state, wait_until,
+    ROLLBACK, SOURCE, UPGRADE, accept_at_phase_0_and_never_asked_again, answer, audit_of, pending_gates, record,
+    split_holds_while_the_gate_waits, states_of, wait_for_state, wait_until,
 )
+from tests.replication.replication_helpers import sql_all as sql
 from topology.demo import TARGET, demo_conf
 from topology.pgbinaries import pgactive_available
 from topology.postgres import DRIVER_ENV, HOST
@@ -54,16 +56,6 @@ def pgactive_ready(pgactive_servers, ready):
 def pgactive_conf(topo) -> dict:
     return {**demo_conf(topo), "replication_driver": "pgactive", "phase_settle_seconds": SETTLE_SECONDS,
             "decommission": "keep"}
-
-
-def sql(server, statement: str, params=None) -> list[tuple]:
-    connection = server.connect(dbname="app")
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        connection.close()
 
 
 def insert_the_same_key_on_both_nodes(topo, invoice_id: int) -> None:
@@ -132,19 +124,10 @@ def test_a_conflict_while_split_asks_and_an_accept_through_the_api_lets_the_run_
     wait_for_state(airflow, UPGRADE, run_id, f"{DECIDE}[0]", "awaiting_input", timeout=120)
     asked_after = time.monotonic() - made
     gate = gate_shows_the_conflict(airflow, run_id, rows)
-    time.sleep(3)
-    assert states_of(airflow, UPGRADE, run_id).get("traffic_phase.shift[1]") not in ("running", "success")
-    assert topo.haproxy.get_weight("pg_read", "target") == 30, "the split holds while the gate waits"
+    split_holds_while_the_gate_waits(airflow, topo, run_id, 30)
 
-    answered = answer(airflow, run_id, DECIDE, "Accept and continue", map_index=0)
-    assert answered["responded_by"]["name"] == airflow.username
-    assert airflow.wait_for_run(UPGRADE, run_id, timeout=420) == "success", states_of(airflow, UPGRADE, run_id)
+    accept_at_phase_0_and_never_asked_again(airflow, run_id, timeout=420)
     took = time.monotonic() - started
-
-    # The accepted conflict is not asked about again: phase 1's check found nothing new and its gate did not ask.
-    details = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
-    assert [(d["task_instance"]["task_id"], d["task_instance"]["map_index"]) for d in details] == [(DECIDE, 0)]
-    assert states_of(airflow, UPGRADE, run_id)[f"{DECIDE}[1]"] == "success"
     assert topo.port_behind(topo.haproxy.write_port) == topo.new_pg.port
     # Last commit wins: both nodes kept the same row.
     skus = {sql(server, "SELECT sku FROM billing.invoice_lines WHERE invoice_id = %s", (CONFLICTING_INVOICE,))[0]

@@ -4,12 +4,12 @@ not named again, a newer one is. The driver is PGU_DRIVER's (native by default; 
 
 from __future__ import annotations
 
-import time
 from contextlib import closing
 
 import pytest
 
 from pgactive_upgrade.replication.base import ReplicationDriver
+from tests.airflow_real.runs import wait_until
 from tests.integration.integration_parts import replicating
 
 pytestmark = pytest.mark.integration
@@ -38,16 +38,6 @@ def _one(server, statement, params=None):
     with closing(server.connect(dbname="app")) as connection, connection.cursor() as cursor:
         cursor.execute(statement, params)
         return cursor.fetchone() if cursor.description else None
-
-
-def _wait(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def break_apply(topo, driver: str, n: int) -> tuple:
@@ -85,8 +75,8 @@ def test_an_apply_error_fails_the_phase_while_stuck_then_asks_once_it_flows_and_
     assert clean.problems == [] and clean.apply_errors == [], clean
 
     server, check = break_apply(topo, driver, 1)
-    stuck = _wait(lambda: (r := upgrade.health_check()) and any(p.startswith("apply error: ") for p in r.problems) and r,
-                  "the apply error while the apply is stuck")
+    stuck = wait_until(lambda: (r := upgrade.health_check()) and any(p.startswith("apply error: ") for p in r.problems) and r,
+                       60, "the apply error while the apply is stuck")
     assert stuck.apply_errors == [], "a stuck apply is a failed phase, never a question"
     if driver == "native":  # nothing else is wrong: the row written to probe the flow did not arrive
         assert any("is not flowing: a row written on the source did not arrive within 5 s" in p for p in stuck.problems), \
@@ -94,7 +84,7 @@ def test_an_apply_error_fails_the_phase_while_stuck_then_asks_once_it_flows_and_
     assert not _applied(server, check)
 
     fix_apply(topo, driver, 1)
-    _wait(lambda: _applied(server, check), "the change applied once the cause is fixed")
+    wait_until(lambda: _applied(server, check), 60, "the change applied once the cause is fixed")
     recovered = upgrade.health_check()
     assert recovered.problems == [], recovered.problems
     assert recovered.apply_errors, "an error recorded while replication works now goes to the operator"
@@ -115,9 +105,9 @@ def test_an_apply_error_fails_the_phase_while_stuck_then_asks_once_it_flows_and_
     assert accepted.healthy
 
     server, check = break_apply(topo, driver, 2)
-    _wait(lambda: upgrade.health_check(apply_error_baseline=recovered.apply_error_marks).problems, "the newer error")
+    wait_until(lambda: upgrade.health_check(apply_error_baseline=recovered.apply_error_marks).problems, 60, "the newer error")
     fix_apply(topo, driver, 2)
-    _wait(lambda: _applied(server, check), "the second change applied")
+    wait_until(lambda: _applied(server, check), 60, "the second change applied")
     newer = upgrade.health_check(apply_error_baseline=recovered.apply_error_marks)
     assert newer.problems == [] and newer.apply_errors, "a newer error is asked about"
     assert newer.apply_error_marks != recovered.apply_error_marks
@@ -128,8 +118,8 @@ def test_an_apply_error_with_lag_above_the_threshold_is_named_among_the_lag_caus
     driver = upgrade.request.replication_driver
     server, check = break_apply(topo, driver, 3)
     fix_apply(topo, driver, 3)
-    _wait(lambda: _applied(server, check), "the change applied")
-    _wait(lambda: upgrade.health_check().apply_errors, "the recorded error")
+    wait_until(lambda: _applied(server, check), 60, "the change applied")
+    wait_until(lambda: upgrade.health_check().apply_errors, 60, "the recorded error")
     strict = make(lag_threshold_bytes=0)  # every byte of lag counts as high: the lag path, not the question
     if driver == "native":
         _one(topo.new_pg, f"ALTER SUBSCRIPTION {upgrade.key}_fwd DISABLE")
@@ -139,7 +129,7 @@ def test_an_apply_error_with_lag_above_the_threshold_is_named_among_the_lag_caus
             _one(node, "SELECT pgactive.pgactive_apply_pause()")
         _one(topo.old_pg, "UPDATE public.orders SET amount = amount")
     try:
-        report = _wait(lambda: (r := strict.health_check()) and r.lag_high and r, "lag above the threshold")
+        report = wait_until(lambda: (r := strict.health_check()) and r.lag_high and r, 60, "lag above the threshold")
     finally:
         if driver == "native":
             _one(topo.new_pg, f"ALTER SUBSCRIPTION {upgrade.key}_fwd ENABLE")
