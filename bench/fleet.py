@@ -61,6 +61,12 @@ AIRFLOW_SETTINGS = {
     # 30 s, every start was rescheduled and the fleet made no progress (see bench/README.md).
     "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300",
 }
+# The deployment setting README's "A fleet of upgrades on one Airflow" recommends: the LocalExecutor's workers start
+# from a forkserver that has imported the modules every step needs, and each task process inherits them.
+PRELOAD_SETTINGS = {
+    "AIRFLOW__SCHEDULER__MP_START_METHOD": "forkserver",
+    "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD": "pgactive_upgrade.airflow.preload",
+}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STEP_POOL = "pgactive_upgrade"  # created with --pool-slots, named to the DAG by PGACTIVE_UPGRADE_POOL
 
@@ -238,7 +244,7 @@ class Monitor:
         children. A task process's ticks move into its supervisor's when it is reaped, so none is lost between
         samples (the scheduler's session holds the LocalExecutor's workers and every task process)."""
         names = {pid: name for name, pid in self.leaders.items()}
-        ticks = dict.fromkeys(self.leaders, 0)
+        ticks = dict.fromkeys([*self.leaders, "scheduler_loop"], 0)
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
@@ -248,6 +254,8 @@ class Monitor:
                 continue
             if int(fields[3]) in names:
                 ticks[names[int(fields[3])]] += sum(int(value) for value in fields[11:15])
+            if int(pid) == self.leaders["scheduler"]:
+                ticks["scheduler_loop"] = sum(int(value) for value in fields[11:13])
         return ticks
 
     def cpu_seconds(self) -> dict[str, float]:
@@ -255,7 +263,8 @@ class Monitor:
         moto, this bench)."""
         figures = {name: (self.cpu_last[name] - self.cpu_first[name]) / CLOCK_TICKS for name in self.cpu_first}
         figures["machine_busy"] = (self.machine_last - self.machine_first) / CLOCK_TICKS
-        figures["everything_else"] = figures["machine_busy"] - sum(v for k, v in figures.items() if k != "machine_busy")
+        figures["everything_else"] = figures["machine_busy"] - sum(
+            v for k, v in figures.items() if k not in ("machine_busy", "scheduler_loop"))
         return {name: round(value, 1) for name, value in figures.items()}
 
 
@@ -390,9 +399,11 @@ def describe(label: str, figures: dict) -> str:
 
 # --- main ----------------------------------------------------------------------------------------------------
 
-def local_airflow(topo: Topology, env: dict[str, str], metadata_db, pool_slots: int) -> LocalAirflow:
+def local_airflow(topo: Topology, env: dict[str, str], metadata_db, pool_slots: int, preload: bool) -> LocalAirflow:
     if pool_slots:
         env = {**env, "PGACTIVE_UPGRADE_POOL": STEP_POOL}
+    if preload:
+        env = {**env, **PRELOAD_SETTINGS}
     return LocalAirflow(
         home=topo.state_dir / "airflow",
         dags_folder=REPO / "dags",
@@ -417,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-single", action="store_true", help="no single upgrade first (no ratio)")
     parser.add_argument("--pool-slots", type=int, default=4,
                         help="the upgrade steps' own pool (README: a fleet on one Airflow); 0: default_pool")
+    parser.add_argument("--no-preload", dest="preload", action="store_false",
+                        help="task processes import every module themselves (no forkserver preload)")
     parser.add_argument("--keep-up", action="store_true", help="leave Airflow and the topology running at the end")
     args = parser.parse_args(argv)
 
@@ -439,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"topology and {len(single + fleet)} sources seeded in {time.monotonic() - began:.1f} s", flush=True)
         with SlowRds(topo.moto_url, create_seconds=args.create_seconds, reboot_seconds=args.reboot_seconds,
                      port=SLOW_RDS_PORT) as slow:
-            airflow = local_airflow(topo, connections_env(topo, slow, single + fleet), metadata_db, args.pool_slots)
+            airflow = local_airflow(topo, connections_env(topo, slow, single + fleet), metadata_db, args.pool_slots,
+                                    args.preload)
             started = time.monotonic()
             airflow.start(timeout=300)
             if args.pool_slots:
@@ -483,6 +497,7 @@ def summary(args: argparse.Namespace, results: dict[str, dict], max_active_runs)
         "retried_tasks": fleet.get("retried_tasks"),
         "dag_max_active_runs": max_active_runs,
         "pool_slots": args.pool_slots or None,
+        "preload": PRELOAD_SETTINGS if args.preload else None,
         "cpu_s": fleet.get("cpu_s"),
         "cpu_s_per_upgrade": fleet.get("cpu_s_per_upgrade"),
         "triggerer_cpu_s": fleet.get("triggerer_cpu_s"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pgactive_upgrade import progress
-from plugins.pgactive_upgrade_progress import GRANT_CACHE_SECONDS, RECORD_CACHE_SECONDS, RECORD_REFRESH_GRACE_SECONDS
+from pgactive_upgrade.airflow.progress_api import GRANT_CACHE_SECONDS, RECORD_CACHE_SECONDS, RECORD_REFRESH_GRACE_SECONDS
 from topology.airflow_local import AirflowApiError, LocalAirflow
 from topology.ports import Ports
 

@@ -70,7 +70,7 @@ def test_page_says_when_nothing_is_measured_or_running():
 
 
 def test_shared_reads_read_once_for_concurrent_requests_and_again_after_the_ttl():
-    from plugins.pgactive_upgrade_progress import RecentReads
+    from pgactive_upgrade.airflow.progress_api import RecentReads
 
     reads = []
 
@@ -92,7 +92,7 @@ def test_shared_reads_read_once_for_concurrent_requests_and_again_after_the_ttl(
 
 
 def test_while_one_caller_reads_again_the_others_get_the_previous_value_only_within_the_grace():
-    from plugins.pgactive_upgrade_progress import RecentReads
+    from pgactive_upgrade.airflow.progress_api import RecentReads
 
     cache = RecentReads(seconds=0.2, grace=0.3)
     assert cache.peek("orders-db") is None

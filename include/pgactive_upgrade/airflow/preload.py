@@ -1,0 +1,24 @@
+"""The third-party modules an upgrade step imports, for a deployment to preload in the processes its task
+processes fork from (README: "A fleet of upgrades on one Airflow"):
+
+    AIRFLOW__SCHEDULER__MP_START_METHOD=forkserver
+    AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD=pgactive_upgrade.airflow.preload
+
+Each task process then inherits them instead of importing them again: about 1 s of CPU per step on a 2-core machine
+(bench/fleet.py). Only third-party modules: the package's own code is still read fresh by each task process, so a
+new version of it needs no restart.
+"""
+
+import boto3  # noqa: F401
+import psycopg2.errorcodes  # noqa: F401
+import psycopg2.extras  # noqa: F401
+import psycopg2.sql  # noqa: F401
+from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook  # noqa: F401
+from airflow.providers.amazon.aws.hooks.rds import RdsHook  # noqa: F401
+from airflow.providers.amazon.aws.triggers.rds import RdsDbAvailableTrigger  # noqa: F401
+from airflow.providers.postgres.hooks.postgres import PostgresHook  # noqa: F401
+from airflow.providers.standard.operators.hitl import HITLOperator  # noqa: F401
+from airflow.providers.standard.operators.python import ShortCircuitOperator  # noqa: F401
+from airflow.sdk import BaseSensorOperator, task_group  # noqa: F401
+from airflow.sdk.execution_time import supervisor, task_runner  # noqa: F401
+from airflow.dag_processing import dagbag  # noqa: F401

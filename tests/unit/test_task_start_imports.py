@@ -1,0 +1,57 @@
+"""What a task process imports when it starts: every one loads every plugin (for their macros) and parses the DAG
+file, so neither may pull in what only the API server needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def modules_added(prelude: str, statement: str) -> set[str]:
+    """The modules `statement` imports in a fresh interpreter, after `prelude` (what the task process already has)."""
+    script = (f"import sys, json\n{prelude}\nbefore = set(sys.modules)\n{statement}\n"
+              "print(json.dumps(sorted(set(sys.modules) - before)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "include"), str(REPO / "plugins"), str(REPO)])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=REPO, timeout=120)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_loading_the_plugin_imports_neither_fastapi_nor_the_progress_api():
+    added = modules_added("import airflow.plugins_manager", "import pgactive_upgrade_progress")
+    assert "pgactive_upgrade_progress" in added
+    heavy = sorted(m for m in added if m.split(".")[0] in ("fastapi", "starlette", "httpx", "jwt")
+                   or m.startswith(("pgactive_upgrade.airflow.progress_api", "airflow.api_fastapi")))
+    assert heavy == [], f"the plugin imports at task start: {heavy}"
+
+
+STEP_IMPORTS = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("dag_file", "dags/pgactive_rolling_upgrade.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import pgactive_upgrade.upgrade
+from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+from airflow.providers.amazon.aws.hooks.rds import RdsHook
+from airflow.providers.postgres.hooks.postgres import PostgresHook
+"""
+
+
+def test_the_preload_module_holds_every_third_party_module_a_step_imports():
+    """With the preload (README: a fleet of upgrades), a task process imports only the package's own code."""
+    added = modules_added("import pgactive_upgrade.airflow.preload", STEP_IMPORTS)
+    assert "pgactive_upgrade.upgrade" in added
+    others = sorted(m for m in added if not m.startswith(("pgactive_upgrade", "dag_file"))
+                    and m.split(".")[0] not in sys.stdlib_module_names)
+    assert others == [], f"imported by a step although not preloaded: {others}"
+
+
+def test_the_preload_module_imports_none_of_the_package_own_code():
+    """A new version of the package then needs no restart: each task process reads it fresh."""
+    added = modules_added("import airflow", "import pgactive_upgrade.airflow.preload")
+    own = sorted(m for m in added if m.startswith("pgactive_upgrade.") and m != "pgactive_upgrade.airflow.preload")
+    assert own == ["pgactive_upgrade.airflow"], own
