@@ -28,7 +28,7 @@ from psycopg2 import sql
 
 from topology import Ports, Topology, aws, seed
 from topology.airflow_local import COMPONENTS as AIRFLOW_COMPONENTS
-from topology.airflow_local import AirflowApiError, LocalAirflow
+from topology.airflow_local import PRELOAD_SETTINGS, AirflowApiError, LocalAirflow
 from topology.airflow_metadb import provision_metadata_db
 from topology.postgres import HOST
 from topology.slow_rds import SlowRds
@@ -61,12 +61,6 @@ AIRFLOW_SETTINGS = {
     # Each task process parses the DAG file first; with 16 starting at once on 2 cores that took over the default
     # 30 s, every start was rescheduled and the fleet made no progress (see bench/README.md).
     "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300",
-}
-# The deployment setting README's "A fleet of upgrades on one Airflow" recommends: the LocalExecutor's workers start
-# from a forkserver that has imported the modules every step needs, and each task process inherits them.
-PRELOAD_SETTINGS = {
-    "AIRFLOW__SCHEDULER__MP_START_METHOD": "forkserver",
-    "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD": "pgactive_upgrade.airflow.preload",
 }
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STEP_POOL = "pgactive_upgrade"  # created with --pool-slots, named to the DAG by PGACTIVE_UPGRADE_POOL

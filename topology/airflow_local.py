@@ -59,6 +59,12 @@ FINAL_RUN_STATES = {"success", "failed"}
 TASK_DEFERRED_EVENT = "Pausing task as DEFERRED"
 TRIGGER_STARTING_EVENT = re.compile(r"^trigger .+ \(ID \d+\) starting$")
 STOP_GRACE_SECONDS = 15.0
+# README "A fleet of upgrades on one Airflow": the LocalExecutor's workers start from a forkserver that has imported
+# what every step needs (include/pgactive_upgrade/airflow/preload.py); each task process inherits it.
+PRELOAD_SETTINGS = {
+    "AIRFLOW__SCHEDULER__MP_START_METHOD": "forkserver",
+    "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD": "pgactive_upgrade.airflow.preload",
+}
 TASK_GRACE_SECONDS = 5.0
 SQLITE_LOCK_TIMEOUT = 30
 # Set only by us and inherited by every child: finds stray processes of this instance at stop().

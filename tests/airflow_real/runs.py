@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import time
 
+from psycopg2 import sql
+
 from topology.airflow_local import AirflowApiError, LocalAirflow
+from topology.demo import demo_conf
 
 UPGRADE, ROLLBACK = "pgactive_rolling_upgrade", "pgactive_upgrade_rollback"
 SOURCE = "orders-db"
@@ -91,3 +94,37 @@ def accept_at_phase_0_and_never_asked_again(airflow: LocalAirflow, run_id: str, 
     details = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
     assert [(d["task_instance"]["task_id"], d["task_instance"]["map_index"]) for d in details] == [(decide, 0)]
     assert states_of(airflow, UPGRADE, run_id)[f"{decide}[1]"] == "success"
+
+
+def run_whole_upgrade(airflow: LocalAirflow, topo, label: str) -> list[dict]:
+    """The demo's upgrade from trigger to success, every row on the target; the task instances that ran."""
+    airflow.wait_for_dag(UPGRADE)
+    started = time.monotonic()
+    run_id = airflow.trigger(UPGRADE, {**demo_conf(topo), "phase_settle_seconds": 1, "approve_decommission": False})
+    assert airflow.wait_for_run(UPGRADE, run_id, timeout=600) == "success", states_of(airflow, UPGRADE, run_id)
+    print(f"whole DAG {label}: {time.monotonic() - started:.1f} s")
+    ran = [ti for ti in airflow.task_instances(UPGRADE, run_id) if ti["start_date"]]
+    assert len(ran) > 10 and all(ti["state"] == "success" for ti in ran), states_of(airflow, UPGRADE, run_id)
+    assert_every_row_arrived(topo)
+    return ran
+
+
+DEMO_TABLES = ["public.accounts", "public.orders", "billing.invoices", "billing.invoice_lines"]
+
+
+def assert_every_row_arrived(topo) -> None:
+    source, target = topo.old_pg.connect(dbname="app"), topo.new_pg.connect(dbname="app")
+    try:
+        for table in DEMO_TABLES:
+            on_source, on_target = fingerprint(source, table), fingerprint(target, table)
+            assert on_source == on_target and on_source[0] > 0, (table, on_source, on_target)
+    finally:
+        source.close()
+        target.close()
+
+
+def fingerprint(connection, table: str) -> tuple[int, str]:
+    query = sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {}.{} t")
+    with connection.cursor() as cursor:
+        cursor.execute(query.format(*map(sql.Identifier, table.split("."))))
+        return cursor.fetchone()

@@ -6,23 +6,18 @@ This module's Airflow is its own (another port, home and metadata database than 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import psycopg2
 import pytest
-from psycopg2 import sql
 
-from tests.airflow_real.runs import states_of
+from tests.airflow_real.runs import run_whole_upgrade
 from topology.airflow_local import LocalAirflow
 from topology.airflow_metadb import drop_metadata_db, provision_metadata_db
-from topology.demo import demo_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 
 REPO = Path(__file__).resolve().parents[2]
-UPGRADE = "pgactive_rolling_upgrade"
-TABLES = ["public.accounts", "public.orders", "billing.invoices", "billing.invoice_lines"]
 WORKLOAD_LOGGED = "Executing workload in Celery"
 
 
@@ -51,18 +46,9 @@ def celery_airflow(topology, tmp_path_factory):
 
 def test_whole_upgrade_runs_on_a_celery_worker_and_moves_every_row(celery_airflow, fresh_databases):
     airflow, topo = celery_airflow, fresh_databases
-    airflow.wait_for_dag(UPGRADE)
-    started = time.monotonic()
-    run_id = airflow.trigger(UPGRADE, {**demo_conf(topo), "phase_settle_seconds": 1, "approve_decommission": False})
-    state = airflow.wait_for_run(UPGRADE, run_id, timeout=600)
-    assert state == "success", states_of(airflow, UPGRADE, run_id)
-    print(f"whole DAG on the Celery executor: {time.monotonic() - started:.1f} s")
-
-    ran = [ti for ti in airflow.task_instances(UPGRADE, run_id) if ti["start_date"]]
-    assert len(ran) > 10 and all(ti["state"] == "success" for ti in ran), states_of(airflow, UPGRADE, run_id)
+    ran = run_whole_upgrade(airflow, topo, "on the Celery executor")
     assert_each_ran_on_the_celery_worker(airflow, ran)
     assert celery_results(airflow) >= len(ran), "Celery recorded a result for every task it ran"
-    assert_every_row_arrived(topo)
     assert_metadata_password_in_no_log(airflow)
 
 
@@ -85,24 +71,6 @@ def celery_results(airflow: LocalAirflow) -> int:
             return cursor.fetchone()[0]
     finally:
         connection.close()
-
-
-def assert_every_row_arrived(topo) -> None:
-    source, target = topo.old_pg.connect(dbname="app"), topo.new_pg.connect(dbname="app")
-    try:
-        for table in TABLES:
-            on_source, on_target = fingerprint(source, table), fingerprint(target, table)
-            assert on_source == on_target and on_source[0] > 0, (table, on_source, on_target)
-    finally:
-        source.close()
-        target.close()
-
-
-def fingerprint(connection, table: str) -> tuple[int, str]:
-    query = sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {}.{} t")
-    with connection.cursor() as cursor:
-        cursor.execute(query.format(*map(sql.Identifier, table.split("."))))
-        return cursor.fetchone()
 
 
 def assert_metadata_password_in_no_log(airflow: LocalAirflow) -> None:
