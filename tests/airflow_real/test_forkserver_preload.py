@@ -13,6 +13,7 @@ import pytest
 
 from tests.airflow_real.runs import run_whole_upgrade
 from topology.airflow_local import PRELOAD_SETTINGS, LocalAirflow
+from topology.procs import pid_cmdline
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 
@@ -46,23 +47,11 @@ def test_whole_upgrade_runs_in_task_processes_forked_from_the_preloading_forkser
 
     scheduler_log = airflow.log_path("scheduler").read_text(errors="replace")
     assert f"Set forkserver preload modules for scheduler: ['{PRELOAD}']" in scheduler_log
-    workers = {pid: cmdline for pid, cmdline in command_lines(airflow.processes()).items()
-               if "LocalExecutor" in cmdline}
+    workers = [pid for pid in airflow.processes() if "LocalExecutor" in pid_cmdline(pid)]
     assert workers, "the LocalExecutor's workers are alive while the scheduler runs"
-    parents = {parent_of(pid) for pid in workers}
-    for parent in parents:
-        parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    for parent in {parent_of(pid) for pid in workers}:
+        parent_cmdline = pid_cmdline(parent)
         assert "multiprocessing.forkserver" in parent_cmdline and PRELOAD in parent_cmdline, parent_cmdline
-
-
-def command_lines(pids: list[int]) -> dict[int, str]:
-    lines = {}
-    for pid in pids:
-        try:
-            lines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-    return lines
 
 
 def parent_of(pid: int) -> int:
