@@ -55,3 +55,13 @@ def test_the_preload_module_imports_none_of_the_package_own_code():
     added = modules_added("import airflow", "import pgactive_upgrade.airflow.preload")
     own = sorted(m for m in added if m.startswith("pgactive_upgrade.") and m != "pgactive_upgrade.airflow.preload")
     assert own == ["pgactive_upgrade.airflow"], own
+
+
+def test_the_preload_maps_loaded_modules_to_files_for_the_aws_hooks_caller_lookup():
+    """The AWS hooks name their caller by walking the stack; the walk's module map is made once, in the preload."""
+    script = ("import inspect, botocore.session, pgactive_upgrade.airflow.preload\n"
+              "print(inspect.getabsfile(botocore.session) in inspect.modulesbyfile)")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "include")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=REPO, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "True"

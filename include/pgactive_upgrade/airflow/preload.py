@@ -9,6 +9,8 @@ tests/unit/test_task_start_imports.py keeps this list complete). Only third-part
 is still read fresh by each task process, so a new version of it needs no restart.
 """
 
+import inspect
+
 import boto3  # noqa: F401
 import psycopg2.errorcodes  # noqa: F401
 import psycopg2.extras  # noqa: F401
@@ -22,3 +24,7 @@ from airflow.providers.standard.operators.python import ShortCircuitOperator  # 
 from airflow.sdk import BaseSensorOperator, task_group  # noqa: F401
 from airflow.sdk.execution_time import supervisor, task_runner  # noqa: F401
 from airflow.dag_processing import dagbag  # noqa: F401
+
+# Each AWS client the hooks make walks the call stack to name its caller (the provider's user agent), and the first
+# walk in a process maps every loaded module to its file: about 0.07 s of CPU per task process, done once here.
+inspect.getmodule(None, _filename="<preload: map loaded modules to files>")
