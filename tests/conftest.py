@@ -33,6 +33,10 @@ def topology():
 @pytest.fixture
 def fresh_databases(topology):
     """Freshly seeded demo database, a wiped-and-seeded moto and default HAProxy weights."""
+    return reset_topology(topology)
+
+
+def reset_topology(topology):
     topology.up()
     topology.seed_database(rows=2000)
     topology.reset_aws()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 from collections.abc import Callable
 
@@ -70,6 +70,15 @@ class InstanceInfo:
     deletion_protection: bool
     backup_retention_period: int
     tags: tuple[tuple[str, str], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InstanceInfo:
+        """The inverse of as_dict, also after a JSON round trip (tuples come back as lists)."""
+        return cls(**{**data, "security_group_ids": tuple(data["security_group_ids"]),
+                      "tags": tuple((key, value) for key, value in data["tags"])})
 
 
 # ---------------------------------------------------------------- names and versions

@@ -53,13 +53,17 @@ class Upgrade:
     dbname: str = "postgres"
     route53_client: object | None = None
     deployment: Deployment | None = None  # what the deployment allows (None: not checked, outside Airflow)
+    # Source and target as an earlier step of the run recorded them (recorded_instances): a later step that only
+    # connects to them needs no RDS call, and at fleet scale spares the RDS API (and each task an AWS client).
+    known_instances: dict[str, rds.InstanceInfo] = field(default_factory=dict, repr=False)
     _driver: ReplicationDriver | None = field(default=None, init=False, repr=False)
     last_latency: latency.Comparison | None = field(default=None, init=False, repr=False)  # of the last health check
 
     # --- what the upgrade acts on -------------------------------------------------------------
     @cached_property
     def source(self) -> rds.InstanceInfo:
-        info = rds.resolve_source(self.rds_client, self.request.source_instance)
+        info = self._known("source", self.request.source_identifier) or rds.resolve_source(
+            self.rds_client, self.request.source_instance)
         if self.deployment is not None:  # by identifier or by tags, before the run acts on it
             problems = self.deployment.source_problems(info.identifier, dict(info.tags))
             if problems:
@@ -75,10 +79,22 @@ class Upgrade:
         return f"{self.target_id}-{self.request.replication_driver}"
 
     def target(self) -> rds.InstanceInfo:
-        info = rds.describe_instance(self.rds_client, self.target_id)
+        info = self._target_if_exists()
         if info is None:
             raise rds.RdsError(f"{self.target_id}: target instance does not exist yet (run provision_target)")
         return info
+
+    def _target_if_exists(self) -> rds.InstanceInfo | None:
+        return self._known("target", self.target_id) or rds.describe_instance(self.rds_client, self.target_id)
+
+    def _known(self, role: str, identifier: str) -> rds.InstanceInfo | None:
+        info = self.known_instances.get(role)
+        return info if info is not None and info.identifier == identifier else None
+
+    def describe_instances(self) -> dict[str, dict]:
+        """Source and target as RDS describes them now, for the later steps of the run (known_instances)."""
+        source = rds.resolve_source(self.rds_client, self.request.source_instance)
+        return {"source": source.as_dict(), "target": self.target().as_dict()}
 
     def endpoint(self, info: rds.InstanceInfo) -> Endpoint:
         host, port = override_endpoint(info.identifier, info.endpoint_host, info.endpoint_port, self.request.endpoint_overrides)
@@ -110,7 +126,7 @@ class Upgrade:
         return self._driver
 
     def controller(self, target: rds.InstanceInfo | None = None) -> TrafficController:
-        target = target or rds.describe_instance(self.rds_client, self.target_id)
+        target = target or self._target_if_exists()
         target_address = self._address(target) if target else self._address(self.source)
         return build_controller(
             self.request.traffic,

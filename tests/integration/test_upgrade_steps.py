@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import psycopg2
 import pytest
 
-from pgactive_upgrade import catalog, fencing
+from pgactive_upgrade import catalog, fencing, rds
 from pgactive_upgrade.cutover import CutoverError
 from pgactive_upgrade.upgrade import PreflightError
 from integration_parts import replicating
@@ -114,3 +115,32 @@ def test_rollback_after_cutover_then_a_second_cutover_is_refused(build):
     with pytest.raises(CutoverError, match="rolled back after cutover"):
         upgrade.cutover("again")
     assert topo.haproxy.get_weight("pg_write", "source") == 100 and topo.haproxy.get_weight("pg_write", "target") == 0
+
+
+class NoRds:
+    """An RDS client any use of which fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"RDS was called ({name}) by a step that has the instances recorded")
+
+
+def test_steps_after_configure_run_from_the_recorded_instances_without_calling_rds(build):
+    topo, make = build
+    first = make()
+    for step in (first.preflight, first.provision_target, first.configure_parameters):
+        step()
+    recorded = json.loads(json.dumps(first.describe_instances()))  # as the XCom keeps it
+    assert rds.InstanceInfo.from_dict(recorded["target"]) == rds.describe_instance(topo.aws_client("rds"), first.target_id)
+
+    later = make()
+    later.rds_client = NoRds()
+    later.known_instances = {role: rds.InstanceInfo.from_dict(info) for role, info in recorded.items()}
+    later.install()
+    later.build_group()
+    deadline = time.monotonic() + 60
+    while not later.lag().within(later.request.lag_threshold_bytes):
+        assert time.monotonic() < deadline, later.lag()
+        time.sleep(0.2)
+    later.shift(50)
+    assert later.cutover("recorded")["split"] == {"pg_write": 100, "pg_read": 100}
+    assert later.verify()["rows"] > 0

@@ -184,7 +184,8 @@ class PhaseDecisionOperator(UpgradeGateOperator):
         if answer != KEEP_WAITING:
             return {"answer": answer}
         state.record_step(context, request.source_identifier, self.task_id, "waiting", waiting_for="lag under threshold")
-        self.defer(trigger=lag_trigger(upgrade_from(context), context, self.poll_interval, fire_on_escalation=True),
+        upgrade = upgrade_from(context, recorded_instances=True)
+        self.defer(trigger=lag_trigger(upgrade, context, self.poll_interval, fire_on_escalation=True),
                    method_name="after_waiting",
                    timeout=timedelta(minutes=request.lag_escalation_minutes + 10))
 

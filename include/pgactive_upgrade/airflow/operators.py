@@ -11,7 +11,13 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import config, plan, progress, rds
 from pgactive_upgrade.airflow import metrics, state
-from pgactive_upgrade.airflow.session import request_from, upgrade_from, upgrade_from_conf, upgrade_from_request
+from pgactive_upgrade.airflow.session import (
+    INSTANCES_KEY,
+    request_from,
+    upgrade_from,
+    upgrade_from_conf,
+    upgrade_from_request,
+)
 from pgactive_upgrade.airflow.triggers import (
     JoinTrigger,
     PhaseGateTrigger,
@@ -35,9 +41,11 @@ class UpgradeStepOperator(BaseOperator):
     """Base: refuses to act once a rollback halted the run, records progress, then runs `step`."""
 
     ui_color = "#e8f4fd"
+    # After configure_parameters: source and target as it recorded them, no RDS call (session.upgrade_from).
+    recorded_instances = False
 
     def execute(self, context) -> Any:
-        return self.run_step(upgrade_from(context), context)
+        return self.run_step(upgrade_from(context, recorded_instances=self.recorded_instances), context)
 
     def run_step(self, upgrade: Upgrade, context) -> Any:
         source = upgrade.request.source_identifier
@@ -156,10 +164,15 @@ class ProvisionTargetOperator(UpgradeStepOperator):
 
 class ConfigureParametersOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
-        return upgrade.configure_parameters()
+        result = upgrade.configure_parameters()
+        if not isinstance(result, rds.Wait):
+            context["ti"].xcom_push(key=INSTANCES_KEY, value=upgrade.describe_instances())
+        return result
 
 
 class InstallExtensionOperator(UpgradeStepOperator):
+    recorded_instances = True
+
     def step(self, upgrade, context):
         return upgrade.install()
 
@@ -168,6 +181,7 @@ class PrepareTargetOperator(UpgradeStepOperator):
     """After the initial sync, before any traffic reaches the target: updates its extensions, fills its
     materialized views and collects planner statistics. ANALYZE's progress goes into the upgrade's record as
     `statistics_progress`."""
+    recorded_instances = True
 
     def step(self, upgrade, context):
         key = progress.record_key(upgrade.request.source_identifier)
@@ -180,6 +194,7 @@ class PrepareTargetOperator(UpgradeStepOperator):
 
 class RefreshMaterializedViewsOperator(UpgradeStepOperator):
     """Right before the cutover: the target's materialized views as fresh as the source's refreshes made them."""
+    recorded_instances = True
 
     def step(self, upgrade, context):
         return upgrade.refresh_materialized_views()
@@ -188,6 +203,7 @@ class RefreshMaterializedViewsOperator(UpgradeStepOperator):
 class BuildReplicationOperator(UpgradeStepOperator):
     """Copies the schema and starts replicating; a pgactive join (a copy of the whole database) is waited for
     deferred, then the step runs again to finish (grants, sequences)."""
+    recorded_instances = True
 
     def step(self, upgrade, context):
         record = state.read(progress.record_key(upgrade.request.source_identifier)) or {}
@@ -210,7 +226,7 @@ class BuildReplicationOperator(UpgradeStepOperator):
     def after_join(self, context, event: dict[str, Any] | None = None) -> Any:
         event = checked_event(event, "ready", "failed")
         if event["status"] == "failed":
-            upgrade = upgrade_from(context)
+            upgrade = upgrade_from(context, recorded_instances=True)
             cleaned = upgrade.driver().clean_failed_join()
             raise AirflowFailException(f"the target's join failed ({event['message']}); cleaned up ({cleaned}): the "
                                        "joining node's server log has the cause; fix it and clear this task")
@@ -229,7 +245,7 @@ class WaitForSyncSensor(BaseSensorOperator):
         self.poll_interval = poll_interval
 
     def execute(self, context) -> Any:
-        upgrade = upgrade_from(context)
+        upgrade = upgrade_from(context, recorded_instances=True)
         request = upgrade.request
         state.check_not_halted(context, request.source_identifier)
         state.record_step(context, request.source_identifier, self.task_id, "waiting")
@@ -325,6 +341,8 @@ class PhaseGateSensor(BaseSensorOperator):
 
 
 class ShiftPhaseOperator(UpgradeStepOperator):
+    recorded_instances = True
+
     template_fields = ("percent",)
 
     def __init__(self, *, percent: Any, **kwargs):
@@ -346,6 +364,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
     """Settle, then check. A failed check: back to the last healthy split and stop the run for an operator. Lag above
     the threshold: waited for (deferred) up to lag_escalation_minutes, then, like new conflicts, handed to the
     phase's decision gate (the task after this one), the split held meanwhile."""
+    recorded_instances = True
 
     template_fields = ("percent",)
 
@@ -355,7 +374,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         self.poll_interval = poll_interval
 
     def execute(self, context) -> Any:
-        upgrade = upgrade_from(context)
+        upgrade = upgrade_from(context, recorded_instances=True)
         request = upgrade.request
         state.check_not_halted(context, request.source_identifier)
         state.record_step(context, request.source_identifier, self.task_id, "running")
@@ -368,7 +387,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
     def check_after_settle(self, context, event: dict[str, Any] | None = None) -> Any:
         checked_event(event, "settled", "halted")  # halted: check_not_halted below names the rollback
-        upgrade = upgrade_from(context)
+        upgrade = upgrade_from(context, recorded_instances=True)
         state.check_not_halted(context, upgrade.request.source_identifier)
         result = self.step(upgrade, context)
         state.record_step(context, upgrade.request.source_identifier, self.task_id, "done", **self.progress_fields(result))
@@ -380,7 +399,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
             raise AirflowFailException(f"halted by rollback while waiting for lag: {event['halt']}")
         if event["status"] == "synced":  # check everything again: other problems may have appeared meanwhile
             return self.check_after_settle(context, {"status": "settled"})
-        upgrade = upgrade_from(context)
+        upgrade = upgrade_from(context, recorded_instances=True)
         emit("lag_escalated", percent=int(self.percent), lag_bytes=event["lag_bytes"], waited_s=event["waited_s"])
         causes = upgrade.driver().lag_causes(upgrade.lag())
         result = {"percent": int(self.percent), "healthy": False, "gate": "lag", "lag_bytes": event["lag_bytes"],
@@ -461,6 +480,8 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
 
 class CutoverOperator(UpgradeStepOperator):
+    recorded_instances = True
+
     def step(self, upgrade, context):
         record = state.read(progress.record_key(upgrade.request.source_identifier)) or {}
         if record.get("detached"):
@@ -496,6 +517,7 @@ class CutoverOperator(UpgradeStepOperator):
 class VerifyOperator(UpgradeStepOperator):
     """Every selected row equal on both nodes while writes go on; before cutover (the run stops before the switch
     when it fails) and after it. Its progress goes into the upgrade's record as `verify_progress`."""
+    recorded_instances = True
 
     def step(self, upgrade, context):
         key = progress.record_key(upgrade.request.source_identifier)
@@ -525,7 +547,7 @@ class CutoverWatchdogOperator(BaseOperator):
 
     def _upgrade(self, context) -> Upgrade:
         if not self.upgrade_from_record:
-            return upgrade_from(context)
+            return upgrade_from(context, recorded_instances=True)
         ask = config.validate_rollback(dict(context["dag_run"].conf or {}))
         record = state.read(progress.record_key(ask.source_identifier))
         if not record:
@@ -588,6 +610,8 @@ class CutoverWatchdogOperator(BaseOperator):
 
 
 class DetachOldNodeOperator(UpgradeStepOperator):
+    recorded_instances = True
+
     def step(self, upgrade, context):
         return upgrade.detach(halted_check(context, upgrade))
 

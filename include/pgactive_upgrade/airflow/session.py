@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from pgactive_upgrade import config
+from pgactive_upgrade import config, rds
 from pgactive_upgrade.airflow import connections
 from pgactive_upgrade.deployment import Deployment, DeploymentError
 from pgactive_upgrade.upgrade import Upgrade
@@ -28,8 +28,17 @@ def allowed(request: config.UpgradeRequest) -> Deployment:
     return deployment
 
 
-def upgrade_from(context) -> Upgrade:
-    return upgrade_from_request(request_from(context))
+# configure_parameters records source and target (their endpoints, tags, versions) once the target is ready; the
+# steps after it connect to them from this record instead of asking RDS again.
+INSTANCES_TASK_ID, INSTANCES_KEY = "configure_parameters", "instances"
+
+
+def upgrade_from(context, *, recorded_instances: bool = False) -> Upgrade:
+    upgrade = upgrade_from_request(request_from(context))
+    if recorded_instances:
+        recorded = context["ti"].xcom_pull(task_ids=INSTANCES_TASK_ID, key=INSTANCES_KEY) or {}
+        upgrade.known_instances = {role: rds.InstanceInfo.from_dict(info) for role, info in recorded.items()}
+    return upgrade
 
 
 def upgrade_from_conf(conf: dict) -> Upgrade:
