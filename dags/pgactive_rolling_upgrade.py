@@ -118,12 +118,14 @@ with DAG(
     traffic_phases = traffic_phase.expand(percent=validate_request.output)
     # none_failed: with no phases configured the mapped group expands to nothing and is skipped.
     verify_before_cutover = VerifyOperator(
-        task_id="verify_before_cutover", execution_timeout=timedelta(hours=2), trigger_rule="none_failed"
+        task_id="verify_before_cutover", gate_task_id="approve_cutover", execution_timeout=timedelta(hours=2),
+        trigger_rule="none_failed",
     )
-    # Waits only with approve_cutover; the approver sees verify_before_cutover's figures.
+    # Runs only with approve_cutover (verify_before_cutover skips it otherwise); the approver sees its figures.
     approve_cutover = ApprovalGateOperator(task_id="approve_cutover", before="cutover", **DEFERS)
+    # none_failed: after the approval, or when approve_cutover was skipped (no approval asked for).
     refresh_views_before_cutover = RefreshMaterializedViewsOperator(
-        task_id="refresh_views_before_cutover", execution_timeout=timedelta(hours=1)
+        task_id="refresh_views_before_cutover", execution_timeout=timedelta(hours=1), trigger_rule="none_failed"
     )
     # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
     cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
@@ -131,10 +133,12 @@ with DAG(
     cutover_watchdog = CutoverWatchdogOperator(
         task_id="cutover_watchdog", execution_timeout=timedelta(hours=6), pool="default_pool", **DEFERS
     )
-    verify = VerifyOperator(task_id="verify", execution_timeout=timedelta(hours=2))
-    # Waits when approve_decommission, or by default when decommission is delete.
+    verify = VerifyOperator(task_id="verify", gate_task_id="approve_decommission", execution_timeout=timedelta(hours=2))
+    # Runs when approve_decommission, or by default when decommission is delete (verify skips it otherwise).
     approve_decommission = ApprovalGateOperator(task_id="approve_decommission", before="decommission", **DEFERS)
-    detach_old_node = DetachOldNodeOperator(task_id="detach_old_node", execution_timeout=timedelta(minutes=5))
+    detach_old_node = DetachOldNodeOperator(
+        task_id="detach_old_node", execution_timeout=timedelta(minutes=5), trigger_rule="none_failed"
+    )
     decommission_source = DecommissionSourceOperator(
         task_id="decommission_source", execution_timeout=timedelta(minutes=10), **DEFERS
     )

@@ -104,11 +104,15 @@ def run_whole_upgrade(airflow: LocalAirflow, topo, label: str) -> list[dict]:
     assert airflow.wait_for_run(UPGRADE, run_id, timeout=600) == "success", states_of(airflow, UPGRADE, run_id)
     print(f"whole DAG {label}: {time.monotonic() - started:.1f} s")
     ran = [ti for ti in airflow.task_instances(UPGRADE, run_id) if ti["start_date"]]
-    assert len(ran) > 10 and all(ti["state"] == "success" for ti in ran), states_of(airflow, UPGRADE, run_id)
+    # Neither approval is asked for: the verifications skip both gates, and every other step succeeds.
+    assert {ti["task_id"]: ti["state"] for ti in ran if ti["state"] != "success"} == UNASKED_GATES_SKIPPED, \
+        states_of(airflow, UPGRADE, run_id)
+    assert len(ran) > 10
     assert_every_row_arrived(topo)
     return ran
 
 
+UNASKED_GATES_SKIPPED = {"approve_cutover": "skipped", "approve_decommission": "skipped"}
 DEMO_TABLES = ["public.accounts", "public.orders", "billing.invoices", "billing.invoice_lines"]
 
 

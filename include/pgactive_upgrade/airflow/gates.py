@@ -132,8 +132,14 @@ class ApprovalGateOperator(UpgradeGateOperator):
             raise ValueError(f"before: expected cutover or decommission, got {before!r}")
         self.before = before
 
+    def asks(self, request: config.UpgradeRequest) -> bool:
+        """Whether this gate asks at all: the step before it skips it otherwise (no task process is started)."""
+        return request.approve_cutover if self.before == "cutover" else request.asks_before_decommission
+
     def question(self, context, request):
-        if self.before == "cutover" and request.approve_cutover:
+        if not self.asks(request):
+            return None
+        if self.before == "cutover":
             verified = context["ti"].xcom_pull(task_ids="verify_before_cutover") or {}
             return Question("cutover", f"Approve the cutover of {request.source_identifier}?",
                             f"Every write moves to the new instance ({request.target_engine_version}) in a fenced switch "
@@ -141,15 +147,13 @@ class ApprovalGateOperator(UpgradeGateOperator):
                             f"{_figures(verified)}.\n\n**Stop** keeps traffic where it is (clear this task to be asked "
                             f"again); **Roll back** returns every route to {request.source_identifier}.",
                             (APPROVE, ROLL_BACK, STOP))
-        if self.before == "decommission" and request.asks_before_decommission:
-            verified = context["ti"].xcom_pull(task_ids="verify") or {}
-            action = ("detached from replication, snapshotted and **deleted**" if request.decommission == "delete"
-                      else "kept (decommission: keep)")
-            return Question("decommission", f"Approve decommissioning {request.source_identifier}?",
-                            f"The old instance {request.source_identifier} will be {action}. After the detach, a "
-                            f"rollback is no longer possible.\n\nVerification after cutover: {_figures(verified)}.",
-                            (APPROVE, ROLL_BACK, STOP))
-        return None
+        verified = context["ti"].xcom_pull(task_ids="verify") or {}
+        action = ("detached from replication, snapshotted and **deleted**" if request.decommission == "delete"
+                  else "kept (decommission: keep)")
+        return Question("decommission", f"Approve decommissioning {request.source_identifier}?",
+                        f"The old instance {request.source_identifier} will be {action}. After the detach, a "
+                        f"rollback is no longer possible.\n\nVerification after cutover: {_figures(verified)}.",
+                        (APPROVE, ROLL_BACK, STOP))
 
 
 class PhaseDecisionOperator(UpgradeGateOperator):
