@@ -34,7 +34,6 @@ from pgactive_upgrade.airflow.operators import (
     InstallExtensionOperator,
     PhaseGateSensor,
     PhaseHealthCheckOperator,
-    PlanOperator,
     PreflightOperator,
     PrepareTargetOperator,
     ProvisionTargetOperator,
@@ -77,9 +76,8 @@ with DAG(
     validate_request = ValidateRequestOperator(
         task_id="validate_request", execution_timeout=timedelta(minutes=3), retries=2, retry_delay=timedelta(seconds=15)
     )
+    # plan_only: the plan is made here and every later task is skipped.
     preflight = PreflightOperator(task_id="preflight", execution_timeout=timedelta(minutes=5))
-    # plan_only: the plan is made here and every later task is skipped; otherwise the run goes on.
-    plan = PlanOperator(task_id="plan", execution_timeout=timedelta(minutes=5))
     provision_target = ProvisionTargetOperator(
         task_id="provision_target", execution_timeout=timedelta(minutes=15), retries=2, retry_delay=timedelta(seconds=30)
     )
@@ -146,7 +144,6 @@ with DAG(
     chain(
         validate_request,
         preflight,
-        plan,
         provision_target,
         configure_parameters,
         install_extension,

@@ -20,7 +20,7 @@ def test_every_dag_file_imports_without_errors():
 def test_upgrade_dag_runs_the_steps_in_order_with_the_prd_timeouts():
     dag = load().dags["pgactive_rolling_upgrade"]
     order = [
-        "validate_request", "preflight", "plan", "provision_target", "configure_parameters", "install_extension",
+        "validate_request", "preflight", "provision_target", "configure_parameters", "install_extension",
         "init_replication_group.build_replication", "wait_for_sync", "prepare_target", "traffic_phase.wait_for_previous_phase",
         "traffic_phase.shift", "traffic_phase.health_check", "traffic_phase.decide", "verify_before_cutover",
         "approve_cutover", "refresh_views_before_cutover", "cutover", "verify", "approve_decommission",

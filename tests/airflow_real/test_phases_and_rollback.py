@@ -213,8 +213,8 @@ def test_plan_only_skips_every_later_task_under_a_real_scheduler(ready):
     assert airflow.wait_for_run(UPGRADE, run_id, timeout=180) == "success", states_of(airflow, UPGRADE, run_id)
     states = states_of(airflow, UPGRADE, run_id)
     assert {k: v for k, v in states.items() if v != "skipped"} == {
-        "validate_request": "success", "preflight": "success", "plan": "success"}, states
-    plan = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/plan/xcomEntries/plan")
+        "validate_request": "success", "preflight": "success"}, states
+    plan = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/preflight/xcomEntries/plan")
     assert "orders-db-pg17" in str(plan) and "copy_estimate" in str(plan)
     assert [i["DBInstanceIdentifier"] for i in topo.aws_client("rds").describe_db_instances()["DBInstances"]] == \
         ["orders-db"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import BaseOperator, BaseSensorOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
 from airflow.sdk.exceptions import AirflowFailException, DownstreamTasksSkipped
@@ -126,12 +125,25 @@ class ValidateRequestOperator(BaseOperator):
             )
 
 
-class PreflightOperator(UpgradeStepOperator):
+class PreflightOperator(UpgradeStepOperator, SkipMixin):
+    """Everything that would stop the upgrade, checked before anything changes. plan_only: makes the plan instead
+    (task log, XCom `plan`), records and changes nothing, and skips every later task."""
+
     def execute(self, context) -> Any:
         upgrade = upgrade_from(context)
         if not upgrade.request.plan_only:
             return self.run_step(upgrade, context)
-        # plan_only: no record is written, and what blocks the run goes into the plan instead of failing here.
+        found = self._found_for_plan(upgrade)
+        made = upgrade.make_plan(found)
+        self.log.info("%s", plan.summary(made))
+        ti = context["ti"]
+        ti.xcom_push(key="plan", value=made)
+        ti.xcom_push(key="return_value", value=found)
+        self.skip(ti, context["task"].get_flat_relatives(upstream=False))  # ends the task: the run ends with the plan
+        return found
+
+    def _found_for_plan(self, upgrade: Upgrade) -> dict:
+        """What blocks the run goes into the plan instead of failing here."""
         try:
             return {**upgrade.preflight(), "blocking": []}
         except PreflightError as error:
@@ -140,25 +152,6 @@ class PreflightOperator(UpgradeStepOperator):
 
     def step(self, upgrade, context):
         return upgrade.preflight()
-
-
-class PlanOperator(ShortCircuitOperator):
-    """plan_only: writes the plan (task log, XCom `plan`) and skips every later task; otherwise lets the run go on."""
-
-    ui_color = "#f0f0e8"
-
-    def __init__(self, *, preflight_task_id: str = "preflight", **kwargs):
-        super().__init__(python_callable=self._plan_or_proceed, **kwargs)
-        self.preflight_task_id = preflight_task_id
-
-    def _plan_or_proceed(self, **context) -> bool:
-        upgrade = upgrade_from(context)
-        if not upgrade.request.plan_only:
-            return True
-        made = upgrade.make_plan(context["ti"].xcom_pull(task_ids=self.preflight_task_id) or {})
-        self.log.info("%s", plan.summary(made))
-        context["ti"].xcom_push(key="plan", value=made)
-        return False
 
 
 class ProvisionTargetOperator(UpgradeStepOperator):

@@ -20,7 +20,6 @@ from airflow.providers.amazon.aws.hooks.rds import RdsHook  # noqa: F401
 from airflow.providers.amazon.aws.triggers.rds import RdsDbAvailableTrigger  # noqa: F401
 from airflow.providers.postgres.hooks.postgres import PostgresHook  # noqa: F401
 from airflow.providers.standard.operators.hitl import HITLOperator  # noqa: F401
-from airflow.providers.standard.operators.python import ShortCircuitOperator  # noqa: F401
 from airflow.sdk import BaseSensorOperator, task_group  # noqa: F401
 from airflow.sdk.execution_time import supervisor, task_runner  # noqa: F401
 from airflow.dag_processing import dagbag  # noqa: F401
