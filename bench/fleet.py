@@ -12,7 +12,6 @@ The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import os
 import secrets
@@ -28,7 +27,7 @@ from psycopg2 import sql
 
 from topology import Ports, Topology, aws, seed
 from topology.airflow_local import COMPONENTS as AIRFLOW_COMPONENTS
-from topology.airflow_local import PRELOAD_SETTINGS, AirflowApiError, LocalAirflow
+from topology.airflow_local import PRELOAD_SETTINGS, AirflowApiError, LocalAirflow, compile_bytecode
 from topology.airflow_metadb import provision_metadata_db
 from topology.postgres import HOST
 from topology.slow_rds import SlowRds
@@ -456,9 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                      port=SLOW_RDS_PORT) as slow:
             airflow = local_airflow(topo, connections_env(topo, slow, single + fleet), metadata_db, args.pool_slots,
                                     args.preload, args.runs_per_loop)
-            if args.compile:  # as a deployment image is built: task processes then read bytecode, not source
-                for folder in ("include", "dags", "plugins"):
-                    compileall.compile_dir(REPO / folder, quiet=1)
+            if args.compile:
+                compile_bytecode(REPO)
             started = time.monotonic()
             airflow.start(timeout=300)
             if args.pool_slots:

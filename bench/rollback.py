@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg2
 
 from topology import Ports, Topology
-from topology.airflow_local import AirflowApiError, LocalAirflow
+from topology.airflow_local import PRELOAD_SETTINGS, AirflowApiError, LocalAirflow, compile_bytecode
 from topology.demo import demo_conf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,13 +133,14 @@ def _since(start: float, moment: float) -> float:
 
 # --- Airflow helpers -------------------------------------------------------------------------------------------
 
-def local_airflow(topo: Topology) -> LocalAirflow:
+def local_airflow(topo: Topology, preload: bool) -> LocalAirflow:
     return LocalAirflow(
         home=topo.state_dir / "airflow",
         dags_folder=REPO / "dags",
         plugins_folder=REPO / "plugins",
         port=topo.ports.airflow_api,
-        extra_env={**topo.airflow_connections_env(), "PGU_PG_BIN_DIRS": str(topo.new_pg.bin_dir)},
+        extra_env={**topo.airflow_connections_env(), "PGU_PG_BIN_DIRS": str(topo.new_pg.bin_dir),
+                   **(PRELOAD_SETTINGS if preload else {})},
         python_paths=[REPO / "include", REPO],
     )
 
@@ -391,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--return-timeout", type=float, default=90, help="seconds for traffic to return")
     parser.add_argument("--run-timeout", type=float, default=180, help="seconds for each run to end")
     parser.add_argument("--keep-up", action="store_true", help="leave Airflow and the topology running at the end")
+    parser.add_argument("--no-preload", dest="preload", action="store_false",
+                        help="task processes import every module themselves (no forkserver preload)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave include/, dags/ and plugins/ without bytecode")
     args = parser.parse_args(argv)
 
     topo = Topology(STATE_DIR, Ports.from_base(PORT_BASE))
@@ -398,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         topo.up()
-        airflow = local_airflow(topo)
+        airflow = local_airflow(topo, args.preload)
+        if args.compile:
+            compile_bytecode(REPO)
         started = time.monotonic()
         airflow.start(timeout=240)
         airflow.wait_for_dag(UPGRADE)
@@ -413,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             if airflow is not None:
                 airflow.stop()
             topo.down()
-    result = summary(runs)
+    result = {**summary(runs), "preload": PRELOAD_SETTINGS if args.preload else None, "bytecode_compiled": args.compile}
     print(json.dumps(result), flush=True)
     return 0 if runs and not result["problems"] and not result["not_returned"] else 1
 

@@ -16,6 +16,7 @@ CLI: python -m topology.airflow_local start|stop|status --home .local/demo/airfl
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import logging
 import os
@@ -66,6 +67,12 @@ PRELOAD_SETTINGS = {
     "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD": "pgactive_upgrade.airflow.preload",
 }
 TASK_GRACE_SECONDS = 5.0
+
+
+def compile_bytecode(repo: Path) -> None:
+    """As a deployment image is built (README): task processes then read bytecode, not source."""
+    for folder in ("include", "dags", "plugins"):
+        compileall.compile_dir(repo / folder, quiet=1)
 SQLITE_LOCK_TIMEOUT = 30
 # Set only by us and inherited by every child: finds stray processes of this instance at stop().
 INSTANCE_MARKER = "TOPOLOGY_LOCAL_AIRFLOW_HOME"
