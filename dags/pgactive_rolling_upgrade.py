@@ -107,8 +107,8 @@ with DAG(
             ),
             ShiftPhaseOperator(task_id="shift", percent=percent, execution_timeout=timedelta(minutes=10)),
             PhaseHealthCheckOperator(
-                task_id="health_check", percent=percent, execution_timeout=timedelta(minutes=5) + timedelta(hours=1),
-                **DEFERS,
+                task_id="health_check", percent=percent, shift_task_id="traffic_phase.shift",
+                execution_timeout=timedelta(minutes=5) + timedelta(hours=1), **DEFERS,
             ),  # the settle time (at most 1 h) plus the PRD's 5 min of checks; a lag wait defers with its own timeout
             PhaseDecisionOperator(task_id="decide", check_task_id="traffic_phase.health_check", **DEFERS),
         )

@@ -82,6 +82,8 @@ def test_failed_health_check_returns_to_the_last_healthy_split_and_stops(ready):
     assert topo.haproxy.get_weight("pg_write", "target") == 0
     log = str(airflow.task_log(UPGRADE, run_id, "traffic_phase.health_check", 1, map_index=1))
     assert "health_probes[0]" in log and "traffic restored to" in log
+    first_check = str(airflow.task_log(UPGRADE, run_id, "traffic_phase.health_check", 1, map_index=0))
+    assert "health_checked" in first_check and "phase_shifted" not in first_check, "the shift right before set the split"
 
     # Fixed, then "clear only failed": the check runs again at its own phase's split, not the restored one.
     with topo.new_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:

@@ -365,9 +365,10 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
 
     template_fields = ("percent",)
 
-    def __init__(self, *, percent: Any, poll_interval: float = 5.0, **kwargs):
+    def __init__(self, *, percent: Any, shift_task_id: str | None = None, poll_interval: float = 5.0, **kwargs):
         super().__init__(**kwargs)
         self.percent = percent
+        self.shift_task_id = shift_task_id  # the phase's shift, right before this check
         self.poll_interval = poll_interval
 
     def execute(self, context) -> Any:
@@ -375,7 +376,8 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
         request = upgrade.request
         state.check_not_halted(context, request.source_identifier)
         state.record_step(context, request.source_identifier, self.task_id, "running")
-        self._hold_phase_split(upgrade, context)
+        if not self._just_shifted(context):
+            self._hold_phase_split(upgrade, context)
         if request.phase_settle_seconds > 0:  # the split settles while the task waits in the triggerer
             self.defer(trigger=SettleTrigger(seconds=request.phase_settle_seconds, run_id=context["run_id"],
                                              halt_key=progress.halt_key(request.source_identifier)),
@@ -460,8 +462,18 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
     def progress_fields(self, result):
         return {}
 
+    def _just_shifted(self, context) -> bool:
+        """The first try right after its phase's shift ran (its result says so) finds the split where it must be:
+        nothing else moves it until this phase's gate lets the next phase go (a rollback halts this check)."""
+        ti = context["ti"]
+        if self.shift_task_id is None or ti.try_number != 1:
+            return False
+        shifted = ti.xcom_pull(task_ids=self.shift_task_id, map_indexes=ti.map_index) or {}
+        return shifted.get("percent") == int(self.percent)
+
     def _hold_phase_split(self, upgrade: Upgrade, context) -> None:
-        """A check cleared after a failure runs again at its own phase's split, not at the one it restored."""
+        """A check cleared after a failure (or a shift marked done without running) runs at its own phase's split,
+        not at the one it restored."""
         with upgrade.acting(halted_check(context, upgrade)) as source:
             upgrade.check_not_switched(source)
             upgrade.shift(int(self.percent))
