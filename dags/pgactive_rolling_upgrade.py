@@ -121,9 +121,11 @@ with DAG(
     )
     # Runs only with approve_cutover (verify_before_cutover skips it otherwise); the approver sees its figures.
     approve_cutover = ApprovalGateOperator(task_id="approve_cutover", before="cutover", **DEFERS)
-    # none_failed: after the approval, or when approve_cutover was skipped (no approval asked for).
+    # After verify_before_cutover succeeded and approve_cutover approved, or was skipped by it (no approval asked
+    # for). A verification marked skipped by hand skips the gate, this step and the cutover: at least one success.
     refresh_views_before_cutover = RefreshMaterializedViewsOperator(
-        task_id="refresh_views_before_cutover", execution_timeout=timedelta(hours=1), trigger_rule="none_failed"
+        task_id="refresh_views_before_cutover", execution_timeout=timedelta(hours=1),
+        trigger_rule="none_failed_min_one_success",
     )
     # The cutover undoes itself at its own deadline (cutover_deadline_seconds); this is only the backstop.
     cutover = CutoverOperator(task_id="cutover", execution_timeout=timedelta(minutes=11))
@@ -134,8 +136,9 @@ with DAG(
     verify = VerifyOperator(task_id="verify", gate_task_id="approve_decommission", execution_timeout=timedelta(hours=2))
     # Runs when approve_decommission, or by default when decommission is delete (verify skips it otherwise).
     approve_decommission = ApprovalGateOperator(task_id="approve_decommission", before="decommission", **DEFERS)
+    # As refresh_views_before_cutover: after verify succeeded and approve_decommission approved or was skipped by it.
     detach_old_node = DetachOldNodeOperator(
-        task_id="detach_old_node", execution_timeout=timedelta(minutes=5), trigger_rule="none_failed"
+        task_id="detach_old_node", execution_timeout=timedelta(minutes=5), trigger_rule="none_failed_min_one_success"
     )
     decommission_source = DecommissionSourceOperator(
         task_id="decommission_source", execution_timeout=timedelta(minutes=10), **DEFERS
@@ -160,3 +163,5 @@ with DAG(
         detach_old_node,
         decommission_source,
     )
+    verify_before_cutover >> refresh_views_before_cutover
+    verify >> detach_old_node

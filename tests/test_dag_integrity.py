@@ -35,6 +35,14 @@ def test_upgrade_dag_runs_the_steps_in_order_with_the_prd_timeouts():
 
     gates = [task.task_id for task in dag.tasks if isinstance(task, HITLOperator)]
     assert gates == ["traffic_phase.decide", "approve_cutover", "approve_decommission"], gates
+    # An approval gate with nothing to ask is skipped by its verification; what follows the gate needs that
+    # verification's success too, so a skip by anyone else (a task marked skipped) never lets the run go on.
+    for verification, gate, after in (("verify_before_cutover", "approve_cutover", "refresh_views_before_cutover"),
+                                      ("verify", "approve_decommission", "detach_old_node")):
+        step = dag.get_task(after)
+        assert step.upstream_task_ids == {verification, gate} and step.trigger_rule == "none_failed_min_one_success"
+        assert dag.get_task(verification).inherits_from_skipmixin
+    assert dag.get_task("preflight").inherits_from_skipmixin, "a cleared task of a plan_only run is skipped again"
     assert all(task.on_failure_callback for task in dag.tasks), "every failure reaches the progress record"
     assert dag.on_success_callback and dag.on_failure_callback
     assert dag.doc_md

@@ -64,11 +64,15 @@ class Upgrade:
     def source(self) -> rds.InstanceInfo:
         info = self._known("source", self.request.source_identifier) or rds.resolve_source(
             self.rds_client, self.request.source_instance)
-        if self.deployment is not None:  # by identifier or by tags, before the run acts on it
+        self._check_allowed(info)
+        return info
+
+    def _check_allowed(self, info: rds.InstanceInfo) -> None:
+        """By identifier or by tags, before the run acts on it."""
+        if self.deployment is not None:
             problems = self.deployment.source_problems(info.identifier, dict(info.tags))
             if problems:
                 raise DeploymentError("refused by the deployment configuration: " + "; ".join(problems))
-        return info
 
     @property
     def target_id(self) -> str:
@@ -546,8 +550,10 @@ class Upgrade:
         if self.request.decommission != "delete":
             emit("detach_skipped", reason="decommission is 'keep': the old node stays attached for rollback")
             return {"skipped": True}
-        if rds.describe_instance(self.rds_client, self.request.source_instance) is None:
+        found = rds.describe_instance(self.rds_client, self.request.source_instance)
+        if found is None:
             return {"detached": self.request.source_identifier, "already": True}
+        self._check_allowed(found)  # as RDS describes it now: from here on the old node cannot take writes back
         with self.acting(halted) as source:
             state = switch_state.read(source, self.key)
             if state is None or state.writer != "target" or not (state.settled or state.direction == DETACH):
@@ -564,6 +570,9 @@ class Upgrade:
         if self.request.decommission != "delete":
             emit("decommission_skipped", reason="decommission is 'keep'", source=self.request.source_identifier)
             return {"skipped": True, "source": self.request.source_identifier}
+        found = rds.describe_instance(self.rds_client, self.request.source_instance)
+        if found is not None:
+            self._check_allowed(found)  # as RDS describes it now, before it is deleted
         result = rds.decommission(self.rds_client, self.request.source_identifier, final_snapshot_id=snapshot_id)
         if not isinstance(result, rds.Wait):
             emit("source_decommissioned", source=self.request.source_identifier, snapshot=snapshot_id)

@@ -162,3 +162,20 @@ def test_a_gate_that_times_out_applies_the_safe_default(ready):
     (decision,) = stopped["gates"]
     assert decision["answer"] == "Stop" and decision["timed_out"] and decision["by"] == "timeout"
     assert stopped["run_state"] == "failed" and "stopped by timeout" in stopped["error"], stopped
+
+
+def test_a_verification_marked_skipped_by_hand_skips_the_cutover(ready):
+    """An approval gate with nothing to ask is skipped by its verification. A skip by anyone else must not let the
+    run go on: verify_before_cutover marked skipped skips its gate, the refresh and the cutover; writes stay."""
+    airflow, topo = ready
+    conf = {**demo_conf(topo), "shift_percentages": [], "decommission": "keep"}
+    run_id = airflow.trigger(UPGRADE, conf)
+    wait_for_state(airflow, UPGRADE, run_id, "validate_request", "success", timeout=120)
+    airflow.api("PATCH", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/verify_before_cutover",
+                {"new_state": "skipped"})
+    airflow.wait_for_run(UPGRADE, run_id, timeout=300)
+    states = states_of(airflow, UPGRADE, run_id)
+    assert states["prepare_target"] == "success", states
+    assert [states[t] for t in ("approve_cutover", "refresh_views_before_cutover", "cutover", "detach_old_node")] == \
+        ["skipped"] * 4, states
+    assert topo.port_behind(topo.haproxy.write_port) == topo.old_pg.port

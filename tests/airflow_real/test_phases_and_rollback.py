@@ -218,6 +218,19 @@ def test_plan_only_skips_every_later_task_under_a_real_scheduler(ready):
         "validate_request": "success", "preflight": "success"}, states
     plan = airflow.api("GET", f"dags/{UPGRADE}/dagRuns/{run_id}/taskInstances/preflight/xcomEntries/plan")
     assert "orders-db-pg17" in str(plan) and "copy_estimate" in str(plan)
+
+    # Cleared later with everything after it, a plan still changes nothing: the scheduler skips provision_target
+    # again (preflight skipped it), and verify_before_cutover (which runs after skipped phases) refuses a plan.
+    airflow.api("POST", f"dags/{UPGRADE}/clearTaskInstances", {"dag_run_id": run_id, "task_ids": ["provision_target"],
+                                                               "include_downstream": True, "only_failed": False,
+                                                               "dry_run": False})
+    airflow.wait_for_run(UPGRADE, run_id, timeout=180)
+    states = states_of(airflow, UPGRADE, run_id)
+    assert states["provision_target"] == "skipped", states
+    assert {k for k, v in states.items() if v not in ("success", "skipped", "upstream_failed")} == \
+        {"verify_before_cutover"}, states
+    refused = str(airflow.task_log(UPGRADE, run_id, "verify_before_cutover", 1))
+    assert "this run is plan_only: it makes a plan and changes nothing" in refused, refused[-1500:]
     assert [i["DBInstanceIdentifier"] for i in topo.aws_client("rds").describe_db_instances()["DBInstances"]] == \
         ["orders-db"]
 

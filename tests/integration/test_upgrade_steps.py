@@ -10,6 +10,7 @@ import pytest
 
 from pgactive_upgrade import catalog, fencing, rds
 from pgactive_upgrade.cutover import CutoverError
+from pgactive_upgrade.deployment import Deployment, DeploymentError
 from pgactive_upgrade.upgrade import PreflightError
 from integration_parts import replicating
 
@@ -144,3 +145,23 @@ def test_steps_after_configure_run_from_the_recorded_instances_without_calling_r
     later.shift(50)
     assert later.cutover("recorded")["split"] == {"pg_write": 100, "pg_read": 100}
     assert later.verify()["rows"] > 0
+
+
+def test_detach_and_decommission_check_the_source_is_still_allowed_as_rds_describes_it_now(build):
+    """The steps between configure_parameters and detach act on the source as it was recorded; the two that end the
+    rollback or delete the source ask RDS again, and a source no longer allowed (its allow tag removed) is refused."""
+    topo, make = build
+    client = topo.aws_client("rds")
+    arn = rds.describe_instance(client, "orders-db").arn
+    client.add_tags_to_resource(ResourceName=arn, Tags=[{"Key": "upgrade-allowed", "Value": "yes"}])
+    upgrade = make(decommission="delete")
+    upgrade.deployment = Deployment(connections={}, source_tags={"upgrade-allowed": "yes"})
+    upgrade.known_instances = {"source": rds.describe_instance(client, "orders-db")}
+    assert upgrade.source.identifier == "orders-db"  # allowed, as recorded
+
+    client.remove_tags_from_resource(ResourceName=arn, TagKeys=["upgrade-allowed"])
+    for step in (upgrade.detach, lambda: upgrade.decommission("orders-db-final-refused")):
+        with pytest.raises(DeploymentError, match="not an allowed source"):
+            step()
+    assert rds.describe_instance(client, "orders-db") is not None
+    assert client.describe_db_snapshots(DBInstanceIdentifier="orders-db", SnapshotType="manual")["DBSnapshots"] == []

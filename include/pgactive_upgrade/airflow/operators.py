@@ -52,6 +52,7 @@ class UpgradeStepOperator(BaseOperator):
 
     def run_step(self, upgrade: Upgrade, context) -> Any:
         source = upgrade.request.source_identifier
+        refuse_plan_only(upgrade.request, self.task_id)
         state.check_not_halted(context, source)
         state.record_step(context, source, self.task_id, "running")
         result = self.step(upgrade, context)
@@ -128,6 +129,8 @@ class ValidateRequestOperator(BaseOperator):
 class PreflightOperator(UpgradeStepOperator, SkipMixin):
     """Everything that would stop the upgrade, checked before anything changes. plan_only: makes the plan instead
     (task log, XCom `plan`), records and changes nothing, and skips every later task."""
+
+    inherits_from_skipmixin = True  # the scheduler skips again what this skipped, when it is cleared
 
     def execute(self, context) -> Any:
         upgrade = upgrade_from(context)
@@ -374,6 +377,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
     def execute(self, context) -> Any:
         upgrade = upgrade_from(context, recorded_instances=True)
         request = upgrade.request
+        refuse_plan_only(request, self.task_id)
         state.check_not_halted(context, request.source_identifier)
         state.record_step(context, request.source_identifier, self.task_id, "running")
         if not self._just_shifted(context):
@@ -528,6 +532,7 @@ class VerifyOperator(UpgradeStepOperator, SkipMixin):
     when it fails) and after it. Its progress goes into the upgrade's record as `verify_progress`. The approval gate
     after it (gate_task_id) is skipped when the conf asks for no approval."""
     recorded_instances = True
+    inherits_from_skipmixin = True  # the scheduler skips the gate again when it alone is cleared
 
     def __init__(self, *, gate_task_id: str | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -645,6 +650,12 @@ class DetachOldNodeOperator(UpgradeStepOperator):
 class DecommissionSourceOperator(UpgradeStepOperator):
     def step(self, upgrade, context):
         return upgrade.decommission(final_snapshot_id(upgrade.request, context))
+
+
+def refuse_plan_only(request: config.UpgradeRequest, task_id: str) -> None:
+    """Preflight skips every later task of a plan_only run; one cleared or run by hand must not act either."""
+    if request.plan_only:
+        raise AirflowFailException(f"{task_id}: this run is plan_only: it makes a plan and changes nothing")
 
 
 def skip_unasked_gate(step: SkipMixin, context, gate_task_id: str, result: Any) -> None:
