@@ -107,6 +107,7 @@ def run_whole_upgrade(airflow: LocalAirflow, topo, label: str) -> list[dict]:
     # Neither approval is asked for: the verifications skip both gates, and every other step succeeds.
     assert {ti["task_id"]: ti["state"] for ti in ran if ti["state"] != "success"} == UNASKED_GATES_SKIPPED, \
         states_of(airflow, UPGRADE, run_id)
+    ran = [ti for ti in ran if ti["state"] == "success"]  # a skipped gate has dates but started no process
     assert len(ran) > 10
     assert_every_row_arrived(topo)
     return ran
