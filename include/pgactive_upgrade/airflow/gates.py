@@ -2,8 +2,9 @@
 Actions or the REST API (`PATCH .../taskInstances/{task}/{map_index}/hitlDetails`), whether the upgrade goes on.
 
 Each gate asks only when its situation arises (an approval the conf asks for, lag that stayed high after a phase,
-new conflicts or apply errors); otherwise it succeeds at once. It never waits forever: after `gate_timeout_minutes` Airflow applies
-`gate_timeout_answer` (Stop or Roll back, never a way forward). Every answer (who, when, what, or the timeout) goes
+new conflicts or apply errors); otherwise it succeeds at once, or, for an approval, the verification before it skips
+it. It never waits forever: after `gate_timeout_minutes` Airflow applies `gate_timeout_answer` (Stop or Roll back,
+never a way forward). Every answer (who, when, what, or the timeout) goes
 into the progress record's `gates` and an event line; Airflow keeps the response and the call in its audit log.
 """
 
