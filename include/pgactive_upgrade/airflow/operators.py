@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from airflow.sdk import BaseOperator, BaseSensorOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
-from airflow.sdk.exceptions import AirflowFailException, DownstreamTasksSkipped
+from airflow.sdk.exceptions import AirflowFailException
 
 from pgactive_upgrade import config, plan, progress, rds
 from pgactive_upgrade.airflow import metrics, state
@@ -539,11 +539,12 @@ class VerifyOperator(UpgradeStepOperator, SkipMixin):
         self.gate_task_id = gate_task_id
 
     def execute(self, context) -> Any:
-        result = super().execute(context)
+        upgrade = upgrade_from(context, recorded_instances=self.recorded_instances)
+        result = self.run_step(upgrade, context)
         if self.gate_task_id is None:
             return result
         gate = cast("ApprovalGateOperator", self.dag.get_task(self.gate_task_id))
-        if not gate.asks(request_from(context)):
+        if not gate.asks(upgrade.request):
             skip_unasked_gate(self, context, self.gate_task_id, result)
         return result
 
@@ -664,11 +665,8 @@ def skip_unasked_gate(step: SkipMixin, context, gate_task_id: str, result: Any) 
     Airflow does not skip from a task of a mapped group."""
     emit("gate_skipped", gate=gate_task_id, reason="nothing to ask")
     ti = context["ti"]
-    try:
-        step.skip(ti, [context["task"].dag.get_task(gate_task_id)])
-    except DownstreamTasksSkipped:
-        ti.xcom_push(key="return_value", value=result)
-        raise
+    ti.xcom_push(key="return_value", value=result)  # skip() ends the task before its result would be pushed
+    step.skip(ti, [context["task"].dag.get_task(gate_task_id)])
 
 
 def final_snapshot_id(request: config.UpgradeRequest, context) -> str:
