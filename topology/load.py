@@ -140,8 +140,9 @@ class Churn:
     """Updates, inserts and deletes on existing tables at a steady rate from one thread (reconnecting after any
     error): a busy database for verification. One row (the hot row) is updated by every operation."""
 
-    def __init__(self, dsn: str, rate: float = 300, table: str = "public.orders", hot_id: int = 1):
-        self.dsn, self.rate, self.table, self.hot_id = dsn, rate, table, hot_id
+    def __init__(self, dsn: str, rate: float = 300, table: str = "public.orders", hot_id: int = 1, reach: int = 1000):
+        """Updates touch the hot row and ids from max(id) - reach up."""
+        self.dsn, self.rate, self.table, self.hot_id, self.reach = dsn, rate, table, hot_id, reach
         self.committed = self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -163,8 +164,8 @@ class Churn:
         hot = (sql.SQL("UPDATE {} SET amount = amount + 1, note = clock_timestamp()::text WHERE id = %s").format(table),
                (self.hot_id,))
         others = [
-            (sql.SQL("UPDATE {} SET amount = amount + 1 WHERE id = (SELECT max(id) - (random() * 1000)::int FROM {})")
-             .format(table, table), None),
+            (sql.SQL("UPDATE {} SET amount = amount + 1 WHERE id = (SELECT max(id) - (random() * %s)::int FROM {})")
+             .format(table, table), (self.reach,)),
             (sql.SQL("INSERT INTO {} (account_id, amount, note) SELECT account_id, 1, 'churn' FROM {} WHERE id = %s")
              .format(table, table), (self.hot_id,)),
             (sql.SQL("DELETE FROM {} WHERE id = (SELECT min(id) FROM {} WHERE note = 'churn')").format(table, table), None),

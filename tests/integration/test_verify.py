@@ -97,21 +97,24 @@ def test_chunks_cover_every_row_once_and_a_difference_is_named_by_its_chunk(buil
     admin = Credentials("postgres", topo.credentials["postgres"])
     with topo.old_pg.connect("postgres", dbname="app") as connection, connection.cursor() as cursor:
         cursor.execute("ANALYZE public.orders")
-        cursor.execute("SELECT count(*) FROM public.orders")
-        rows = cursor.fetchone()[0]
+        cursor.execute("SELECT count(*), max(id) FROM public.orders")
+        rows, max_id = cursor.fetchone()
+    # A churn update of the changed row, replicated, would overwrite its change: it stays out of the churn's reach.
+    changed_id, reach = 250, 500
+    assert changed_id < max_id - reach
     seen = []
 
-    with Churn(app_dsn(topo, topo.old_pg.port), rate=300):
+    with Churn(app_dsn(topo, topo.old_pg.port), rate=300, reach=reach):
         report = verify.Verification(nodes, admin, tables, parallelism=3, chunk_rows=100, progress=seen.append).run()
         assert report.divergences == [] and report.chunks >= rows // 100
         assert seen and seen[-1]["chunks_done"] == seen[-1]["chunks"] == report.chunks
 
-        admin_sql(topo.new_pg, "UPDATE public.orders SET note = 'changed' WHERE id = 250")
+        admin_sql(topo.new_pg, f"UPDATE public.orders SET note = 'changed' WHERE id = {changed_id}")
         report = verify.Verification(nodes, admin, tables, parallelism=3, chunk_rows=100).run()
     [divergence] = report.divergences
-    assert divergence.keys == [(250,)]
+    assert divergence.keys == [(changed_id,)]
     lower, upper = divergence.chunk.lower[0], divergence.chunk.upper[0]
-    assert lower <= 250 < upper and upper - lower < 200, divergence.describe()
+    assert lower <= changed_id < upper and upper - lower < 200, divergence.describe()
     assert f"key range id from {lower} to {upper}" in divergence.describe()
 
 
