@@ -166,6 +166,8 @@ class Sample:
     running: list[tuple[str, str, int]]  # (run_id, task_id, map_index)
     deferred: int
     queued: int
+    in_step_pool: int  # running tasks of the steps' pool
+    waiting: int  # tasks scheduled or queued: ready, waiting for a slot or the executor
     runs: Counter
     connections: int
     creating: int  # instances RDS reports `creating` now
@@ -217,8 +219,9 @@ class Monitor:
 
     def _sample(self) -> Sample:
         with self.connection.cursor() as cursor:
-            cursor.execute("SELECT run_id, task_id, map_index, state FROM task_instance WHERE dag_id = %s AND "
-                           "run_id = ANY(%s) AND state IN ('running', 'deferred', 'queued')", (UPGRADE, self.run_ids))
+            cursor.execute("SELECT run_id, task_id, map_index, state, pool FROM task_instance WHERE dag_id = %s AND "
+                           "run_id = ANY(%s) AND state IN ('running', 'deferred', 'queued', 'scheduled')",
+                           (UPGRADE, self.run_ids))
             tis = cursor.fetchall()
             cursor.execute("SELECT state, count(*) FROM dag_run WHERE dag_id = %s AND run_id = ANY(%s) GROUP BY 1",
                            (UPGRADE, self.run_ids))
@@ -229,9 +232,10 @@ class Monitor:
         now = time.monotonic()
         with self.slow._lock:
             creating = sum(1 for status, until in self.slow.busy_until.values() if status == "creating" and until > now)
-        return Sample(now, [(r, t, m) for r, t, m, s in tis if s == "running"],
-                      sum(1 for *_, s in tis if s == "deferred"), sum(1 for *_, s in tis if s == "queued"),
-                      runs, connections, creating)
+        return Sample(now, [(r, t, m) for r, t, m, s, _ in tis if s == "running"],
+                      sum(1 for *_, s, _ in tis if s == "deferred"), sum(1 for *_, s, _ in tis if s == "queued"),
+                      sum(1 for *_, s, pool in tis if s == "running" and pool == STEP_POOL),
+                      sum(1 for *_, s, _ in tis if s in ("queued", "scheduled")), runs, connections, creating)
 
     def _session_ticks(self) -> dict[str, int]:
         """CPU ticks per Airflow component: over every live process of its session, its own and those of its reaped
@@ -297,12 +301,22 @@ def measure(airflow: LocalAirflow, topo: Topology, slow: SlowRds, zone_id: str, 
         states.close()
         monitor.finish()
     wall = max((t for _, t in ended.values()), default=time.monotonic() - started)
-    figures = summarize(monitor, run_ids, ended, wall, triggered)
+    figures = summarize(monitor, run_ids, ended, wall, triggered, args.pool_slots)
+    if args.samples_out:
+        write_samples(args.samples_out, label, monitor)
     figures["rds_calls"] = dict(Counter(action for _, action in slow.calls[calls_before:]))
     for run_id in run_ids:
         if ended.get(run_id, ("",))[0] != "success":
             figures.setdefault("not_succeeded", {})[run_id] = states_of(airflow, run_id)
     return figures
+
+
+def write_samples(path: Path, label: str, monitor: Monitor) -> None:
+    with path.open("a") as out:
+        for s in monitor.samples:
+            out.write(json.dumps({"label": label, "at_s": round(s.at - monitor.started, 2), "in_step_pool": s.in_step_pool,
+                                  "waiting": s.waiting, "deferred": s.deferred, "creating": s.creating,
+                                  "running": sorted(t for _, t, _ in s.running)}) + "\n")
 
 
 def trigger(airflow: LocalAirflow, body: dict, run_id: str, attempts: int = 5) -> None:
@@ -328,7 +342,8 @@ def metadata_connection(airflow: LocalAirflow):
     return connection
 
 
-def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, triggered: float) -> dict:
+def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, triggered: float,
+              pool_slots: int) -> dict:
     samples = monitor.samples
     while_creating = [s for s in samples if s.creating]
     peak = max(samples, key=lambda s: len(s.running), default=None)
@@ -349,6 +364,7 @@ def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, tr
         "creating_window_s": round(len(while_creating) * monitor.interval, 1),
         "slot_s_while_creating_by_task": slot_seconds(while_creating, monitor.interval),
         "slot_s_by_task": slot_seconds(samples, monitor.interval),
+        "idle_pool_slot_s": idle_pool_slot_seconds(samples, monitor.interval, pool_slots),
         "peak_deferred": max((s.deferred for s in samples), default=0),
         "peak_queued": max((s.queued for s in samples), default=0),
         "peak_runs_running": max((s.runs.get("running", 0) for s in samples), default=0),
@@ -361,6 +377,16 @@ def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, tr
         "retried_tasks": monitor.retried,
         "samples": len(samples),
     }
+
+
+def idle_pool_slot_seconds(samples: list[Sample], interval: float, pool_slots: int) -> dict[str, float]:
+    """Free slot-seconds of the steps' pool: while some task was ready (scheduled or queued: the scheduler or the
+    executor behind), while tasks were deferred only (waiting for RDS, sync, a settle), or with nothing left to do."""
+    idle: Counter[str] = Counter()
+    for s in samples if pool_slots else []:
+        free = max(0, pool_slots - s.in_step_pool)
+        idle["while_tasks_ready" if s.waiting else "while_deferred" if s.deferred else "nothing_left"] += free
+    return {why: round(n * interval, 1) for why, n in idle.items()}
 
 
 def slot_seconds(samples: list[Sample], interval: float) -> dict[str, float]:
@@ -386,6 +412,7 @@ def describe(label: str, figures: dict) -> str:
               f"{figures['peak_while_creating_tasks']} (creating window {figures['creating_window_s']} s)"
             + f"\n   slot-seconds while creating: {figures['slot_s_while_creating_by_task']}"
             + f"\n   slot-seconds by task: {figures['slot_s_by_task']}"
+            + f"\n   free slot-seconds of the steps' pool: {figures['idle_pool_slot_s']}"
             + f"\n   CPU seconds: {figures['cpu_s']}"
             + f"\n   tasks retried: {figures['retried_tasks']}"
             + (f"\n   NOT SUCCEEDED: {figures['not_succeeded']}" if figures.get("not_succeeded") else ""))
@@ -432,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="no bytecode compiled for include/, dags/ and plugins/ beforehand (as an image build does)")
     parser.add_argument("--keep-up", action="store_true", help="leave Airflow and the topology running at the end")
+    parser.add_argument("--samples-out", type=Path, help="write every sample of each measurement here, one JSON a line")
     args = parser.parse_args(argv)
 
     single = [] if args.skip_single else [0]
@@ -495,6 +523,7 @@ def summary(args: argparse.Namespace, results: dict[str, dict], max_active_runs)
         "peak_slots_while_creating": creating_peak,
         "peak_while_creating_tasks": fleet.get("peak_while_creating_tasks"),
         "slot_s_while_creating_by_task": fleet.get("slot_s_while_creating_by_task"),
+        "idle_pool_slot_s": fleet.get("idle_pool_slot_s"),
         "peak_deferred": fleet.get("peak_deferred"),
         "peak_runs_running": fleet.get("peak_runs_running"),
         "retried_tasks": fleet.get("retried_tasks"),
