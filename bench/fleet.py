@@ -167,7 +167,8 @@ class Sample:
     deferred: int
     queued: int
     in_step_pool: int  # running tasks of the steps' pool
-    waiting: int  # tasks scheduled or queued: ready, waiting for a slot or the executor
+    queued_in_step_pool: int  # queued: they hold a slot while the executor starts them
+    scheduled_in_step_pool: int  # ready, waiting for the scheduler to queue them
     runs: Counter
     connections: int
     creating: int  # instances RDS reports `creating` now
@@ -234,8 +235,9 @@ class Monitor:
             creating = sum(1 for status, until in self.slow.busy_until.values() if status == "creating" and until > now)
         return Sample(now, [(r, t, m) for r, t, m, s, _ in tis if s == "running"],
                       sum(1 for *_, s, _ in tis if s == "deferred"), sum(1 for *_, s, _ in tis if s == "queued"),
-                      sum(1 for *_, s, pool in tis if s == "running" and pool == STEP_POOL),
-                      sum(1 for *_, s, _ in tis if s in ("queued", "scheduled")), runs, connections, creating)
+                      *(sum(1 for *_, s, pool in tis if s == state and pool == STEP_POOL)
+                        for state in ("running", "queued", "scheduled")),
+                      runs, connections, creating)
 
     def _session_ticks(self) -> dict[str, int]:
         """CPU ticks per Airflow component: over every live process of its session, its own and those of its reaped
@@ -314,9 +316,22 @@ def measure(airflow: LocalAirflow, topo: Topology, slow: SlowRds, zone_id: str, 
 def write_samples(path: Path, label: str, monitor: Monitor) -> None:
     with path.open("a") as out:
         for s in monitor.samples:
-            out.write(json.dumps({"label": label, "at_s": round(s.at - monitor.started, 2), "in_step_pool": s.in_step_pool,
-                                  "waiting": s.waiting, "deferred": s.deferred, "creating": s.creating,
-                                  "running": sorted(t for _, t, _ in s.running)}) + "\n")
+            out.write(json.dumps({
+                "label": label, "at_s": round(s.at - monitor.started, 2), "in_step_pool": s.in_step_pool,
+                "queued": s.queued_in_step_pool, "scheduled": s.scheduled_in_step_pool, "deferred": s.deferred,
+                "creating": s.creating, "running": sorted(t for _, t, _ in s.running)}) + "\n")
+
+
+def warm_up(airflow: LocalAirflow, body: dict) -> None:
+    """A plan of the single source first: the executor's first task starts its forkserver and imports the preload
+    (several seconds, once per scheduler start), which a long-running deployment has long done."""
+    began = time.monotonic()
+    run_id = f"fleet_warm_up_{time.strftime('%H%M%S')}"
+    trigger(airflow, {**body, "plan_only": True}, run_id)
+    state = airflow.wait_for_run(UPGRADE, run_id, timeout=300, poll_interval=1)
+    if state != "success":
+        raise RuntimeError(f"the warm-up plan ended {state}")
+    print(f"warm-up plan: {state} after {time.monotonic() - began:.1f} s", flush=True)
 
 
 def trigger(airflow: LocalAirflow, body: dict, run_id: str, attempts: int = 5) -> None:
@@ -380,12 +395,15 @@ def summarize(monitor: Monitor, run_ids: list[str], ended: dict, wall: float, tr
 
 
 def idle_pool_slot_seconds(samples: list[Sample], interval: float, pool_slots: int) -> dict[str, float]:
-    """Free slot-seconds of the steps' pool: while some task was ready (scheduled or queued: the scheduler or the
-    executor behind), while tasks were deferred only (waiting for RDS, sync, a settle), or with nothing left to do."""
+    """Slot-seconds of the steps' pool not computing: held by queued tasks (the executor starting them), free while
+    a task was ready (the scheduler behind), free while tasks were deferred only (waiting for RDS, sync, a settle),
+    or free with nothing left to do."""
     idle: Counter[str] = Counter()
     for s in samples if pool_slots else []:
-        free = max(0, pool_slots - s.in_step_pool)
-        idle["while_tasks_ready" if s.waiting else "while_deferred" if s.deferred else "nothing_left"] += free
+        idle["queued"] += s.queued_in_step_pool
+        free = max(0, pool_slots - s.in_step_pool - s.queued_in_step_pool)
+        why = "free_while_ready" if s.scheduled_in_step_pool else "free_while_deferred" if s.deferred else "free_idle"
+        idle[why] += free
     return {why: round(n * interval, 1) for why, n in idle.items()}
 
 
@@ -495,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Airflow up at {airflow.url} after {time.monotonic() - started:.1f} s "
                   f"(DAG max_active_runs {max_active_runs})", flush=True)
             if single:
+                warm_up(airflow, conf(topo, zone_id, single[0], args))
                 results["single"] = measure(airflow, topo, slow, zone_id, single, args, "single")
                 print(describe("single", results["single"]), flush=True)
             results["fleet"] = measure(airflow, topo, slow, zone_id, fleet, args, "fleet")
