@@ -439,13 +439,15 @@ def describe(label: str, figures: dict) -> str:
 # --- main ----------------------------------------------------------------------------------------------------
 
 def local_airflow(topo: Topology, env: dict[str, str], metadata_db, pool_slots: int, preload: bool,
-                  runs_per_loop: int) -> LocalAirflow:
+                  runs_per_loop: int, idle_sleep: float) -> LocalAirflow:
     if pool_slots:
         env = {**env, "PGACTIVE_UPGRADE_POOL": STEP_POOL}
     if preload:
         env = {**env, **PRELOAD_SETTINGS}
     if runs_per_loop:
         env = {**env, "AIRFLOW__SCHEDULER__MAX_DAGRUNS_PER_LOOP_TO_SCHEDULE": str(runs_per_loop)}
+    if idle_sleep:
+        env = {**env, "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": str(idle_sleep)}
     return LocalAirflow(
         home=topo.state_dir / "airflow",
         dags_folder=REPO / "dags",
@@ -472,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the upgrade steps' own pool (README: a fleet on one Airflow); 0: default_pool")
     parser.add_argument("--runs-per-loop", type=int, default=4,
                         help="runs the scheduler examines per loop, as README recommends for a fleet (0: Airflow's 20)")
+    parser.add_argument("--idle-sleep", type=float, default=0,
+                        help="seconds the scheduler sleeps after a loop that queued nothing (0: Airflow's 1 s)")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
                         help="task processes import every module themselves (no forkserver preload)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
@@ -500,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         with SlowRds(topo.moto_url, create_seconds=args.create_seconds, reboot_seconds=args.reboot_seconds,
                      port=SLOW_RDS_PORT) as slow:
             airflow = local_airflow(topo, connections_env(topo, slow, single + fleet), metadata_db, args.pool_slots,
-                                    args.preload, args.runs_per_loop)
+                                    args.preload, args.runs_per_loop, args.idle_sleep)
             if args.compile:
                 compile_bytecode(REPO)
             started = time.monotonic()
@@ -550,6 +554,7 @@ def summary(args: argparse.Namespace, results: dict[str, dict], max_active_runs)
         "pool_slots": args.pool_slots or None,
         "preload": PRELOAD_SETTINGS if args.preload else None,
         "scheduler_runs_per_loop": args.runs_per_loop or 20,
+        "scheduler_idle_sleep_s": args.idle_sleep or 1.0,
         "bytecode_compiled": args.compile,
         "cpu_s": fleet.get("cpu_s"),
         "cpu_s_per_upgrade": fleet.get("cpu_s_per_upgrade"),
