@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
 from airflow.sdk import Variable
-from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from pgactive_upgrade import switch_state
 from pgactive_upgrade.airflow import connections, state
@@ -201,10 +201,8 @@ class PhaseGateTrigger(BaseTrigger):
 
 class SwitchWatchdogTrigger(BaseTrigger):
     """Watches a cutover from the triggerer. Fires `abandoned` when the switch state on the source is unsettled
-    while nobody holds the upgrade's lock (the server freed it when the acting process died): the task resumes to
-    settle it. Once the cutover task ended with nothing left to settle (`finished`), or a rollback took the upgrade
-    over (`halted`), the watch is over and nothing is left to do: the trigger ends the task itself, its result as
-    the task's return value, without starting a task process again."""
+    while nobody holds the upgrade's lock (the server freed it when the acting process died), `finished` once the
+    cutover task ended with nothing left to settle, or `halted` when a rollback took the upgrade over."""
 
     def __init__(self, *, source: dict[str, Any], db_conn_id: str, key: str, dag_id: str, run_id: str,
                  cutover_task_id: str, halt_key: str, poll_interval: float = 1.0):
@@ -248,14 +246,14 @@ class SwitchWatchdogTrigger(BaseTrigger):
                 return
             if verdict is not None and verdict != "acting":
                 if await read_halt(self.halt_key, self.run_id):
-                    yield TaskSuccessEvent(xcoms={"return_value": {"status": "halted"}})
+                    yield TriggerEvent({"status": "halted"})
                     return
                 ended = await sync_to_async(RuntimeTaskInstance.get_ti_count)(
                     dag_id=self.dag_id, task_ids=[self.cutover_task_id], run_ids=[self.run_id],
                     states=["success", "failed", "upstream_failed", "skipped"],
                 )
                 if ended:
-                    yield TaskSuccessEvent(xcoms={"return_value": {"status": "finished", "switch": verdict}})
+                    yield TriggerEvent({"status": "finished", "switch": verdict})
                     return
             await asyncio.sleep(self.poll_interval)
 
