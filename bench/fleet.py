@@ -180,6 +180,7 @@ class Monitor:
     slow: SlowRds
     run_ids: list[str]
     interval: float
+    services: dict[str, int]  # the topology's servers and this bench: name -> pid
     samples: list[Sample] = field(default_factory=list)
     cpu_first: dict[str, int] = field(default_factory=dict)  # component -> ticks of its session at the start
     cpu_last: dict[str, int] = field(default_factory=dict)
@@ -242,9 +243,11 @@ class Monitor:
     def _session_ticks(self) -> dict[str, int]:
         """CPU ticks per Airflow component: over every live process of its session, its own and those of its reaped
         children. A task process's ticks move into its supervisor's when it is reaped, so none is lost between
-        samples (the scheduler's session holds the LocalExecutor's workers and every task process)."""
+        samples (the scheduler's session holds the LocalExecutor's workers and every task process). Per server of
+        the topology (and this bench): the process and its live children (a PostgreSQL server's backends)."""
         names = {pid: name for name, pid in self.leaders.items()}
-        ticks = dict.fromkeys([*self.leaders, "scheduler_loop"], 0)
+        servers = {pid: name for name, pid in self.services.items()}
+        ticks = dict.fromkeys([*self.leaders, "scheduler_loop", *self.services], 0)
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
@@ -254,13 +257,15 @@ class Monitor:
                 continue
             if int(fields[3]) in names:
                 ticks[names[int(fields[3])]] += sum(int(value) for value in fields[11:15])
+            elif (server := servers.get(int(pid)) or servers.get(int(fields[1]))) is not None:
+                ticks[server] += sum(int(value) for value in fields[11:15])
             if int(pid) == self.leaders["scheduler"]:
                 ticks["scheduler_loop"] = sum(int(value) for value in fields[11:13])
         return ticks
 
     def cpu_seconds(self) -> dict[str, float]:
-        """Per component, and the whole machine's busy time over the measurement (everything else: the servers,
-        moto, this bench)."""
+        """Per component and server, and the whole machine's busy time over the measurement (everything else:
+        whatever else ran on the machine)."""
         figures = {name: (self.cpu_last[name] - self.cpu_first[name]) / CLOCK_TICKS for name in self.cpu_first}
         figures["machine_busy"] = (self.machine_last - self.machine_first) / CLOCK_TICKS
         figures["everything_else"] = figures["machine_busy"] - sum(
@@ -280,7 +285,8 @@ def measure(airflow: LocalAirflow, topo: Topology, slow: SlowRds, zone_id: str, 
             args: argparse.Namespace, label: str) -> dict:
     stamp = time.strftime("%H%M%S")
     run_ids = [f"fleet_{label}_{source_id(k)}_{stamp}" for k in sources]
-    monitor = Monitor(airflow, slow, run_ids, args.sample_interval).start()
+    services = {f"{name}_server" if name.endswith("_pg") else name: pid for name, pid in topo.pids().items() if pid}
+    monitor = Monitor(airflow, slow, run_ids, args.sample_interval, {**services, "this_bench": os.getpid()}).start()
     calls_before = len(slow.calls)
     started = time.monotonic()
     for k, run_id in zip(sources, run_ids):
