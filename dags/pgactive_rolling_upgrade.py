@@ -67,11 +67,8 @@ with DAG(
     max_active_runs=64,
     params=upgrade_params(),
     tags=["postgres", "rds", "upgrade"],
-    # The progress record says how each step and the run ended, whatever ended them. weight_rule upstream: among
-    # many upgrades waiting for a slot, the one furthest along goes first, so a fleet advances in a stream (each
-    # run's RDS waits overlapping the others' steps) instead of in lockstep, and started upgrades finish first.
-    default_args={"retries": 0, "pool": STEP_POOL, "on_failure_callback": record_task_failure,
-                  "weight_rule": "upstream"},
+    # The progress record says how each step and the run ended, whatever ended them.
+    default_args={"retries": 0, "pool": STEP_POOL, "on_failure_callback": record_task_failure},
     on_success_callback=record_run_success,
     on_failure_callback=record_run_failure,
 ) as dag:
