@@ -380,7 +380,8 @@ def _unless_busy(call: Callable[[], Any], identifier: str, what: str) -> Wait | 
     return None
 
 
-def _described(rds, identifier: str) -> InstanceInfo:
+def usable_instance(rds, identifier: str) -> InstanceInfo:
+    """The instance as RDS describes it; RdsError when it does not exist or is in a state it does not leave."""
     info = describe_instance(rds, identifier)
     if info is None:
         raise RdsError(f"DB instance {identifier} does not exist")
@@ -395,7 +396,7 @@ def settle_parameter_group(rds, identifier: str, parameter_group: str, *, may_re
     once it does; whether this call rebooted it). Attaches the group; reboots when RDS says a reboot is pending, or
     when `reboot` says this call's changes need one; never reboots twice in one call.
     may_reboot: False refuses a reboot (the source without allow_source_reboot)."""
-    info = _described(rds, identifier)
+    info = usable_instance(rds, identifier)
     if info.status == "rebooting":  # its parameters apply with the reboot: wait for in-sync, not only available
         return Wait(identifier, IN_SYNC, "rebooting"), False
     if info.status != "available":
@@ -408,7 +409,7 @@ def settle_parameter_group(rds, identifier: str, parameter_group: str, *, may_re
                 identifier, what):
             return wait, False
         log.info("%s (was %s): a reboot is needed", what, info.parameter_group)
-        info, reboot = _described(rds, identifier), True
+        info, reboot = usable_instance(rds, identifier), True
         if info.status != "available":
             return Wait(identifier, AVAILABLE, f"{what}: status {info.status}"), False
     if reboot or info.parameter_apply_status == "pending-reboot":
@@ -419,7 +420,7 @@ def settle_parameter_group(rds, identifier: str, parameter_group: str, *, may_re
                                 f"rebooting {identifier}"):
             return wait, False
         log.info("rebooting DB instance %s", identifier)
-        info = _described(rds, identifier)
+        info = usable_instance(rds, identifier)
         # Right after the call RDS may still report the old state for a moment: in-sync is the real completion.
         done = info.status == "available" and info.parameter_apply_status == "in-sync"
         return (None if done else Wait(identifier, IN_SYNC, "rebooting")), True

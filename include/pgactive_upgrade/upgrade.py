@@ -330,12 +330,14 @@ class Upgrade:
         """One step towards both instances running their replication parameters in-sync, both moved on in each
         call: the source's group attached (and rebooted, only with allow_source_reboot), so that its reboot passes
         while the target is still being created, and the target's group attached (and rebooted). Returns what to
-        wait for while an instance is busy; the step runs again afterwards and goes on from what RDS reports."""
+        wait for while an instance is busy, the source first (its reboot is waited for until its parameters are
+        in-sync before it is looked at again); the step runs again afterwards and goes on from what RDS reports."""
         family = rds.parameter_group_family(self.request.target_engine_version)
         changed = rds.ensure_parameter_group(
             self.rds_client, self.parameter_group, family,
             f"pgactive-upgrade of {self.source.identifier}", rds.pgactive_parameters(self.request.replication_driver),
         )
+        rds.usable_instance(self.rds_client, self.target_id)  # a target that failed stops the run before the source reboots
         plan = self.source_parameter_plan()
         source = rds.prepare_source_parameters(self.rds_client, self.source, plan,
                                                allow_reboot=self.request.allow_source_reboot)
@@ -348,7 +350,7 @@ class Upgrade:
         target_wait, rebooted = rds.settle_parameter_group(self.rds_client, self.target_id, self.parameter_group,
                                                            may_reboot=True, reboot=changed)
         self._note_reboot("target", self.target_id, rebooted)
-        if wait := target_wait or source_wait:  # the target's first: its creation mostly outlasts a reboot
+        if wait := source_wait or target_wait:
             return wait
         emit("parameters_applied", target_instance=self.target_id, source_parameter_group=plan.parameter_group)
         return {"parameter_group": self.parameter_group, "source": source}

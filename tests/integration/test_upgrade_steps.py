@@ -13,6 +13,8 @@ from pgactive_upgrade.cutover import CutoverError
 from pgactive_upgrade.deployment import Deployment, DeploymentError
 from pgactive_upgrade.upgrade import PreflightError
 from integration_parts import replicating
+from topology import aws
+from topology.slow_rds import SlowRds
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +167,44 @@ def test_detach_and_decommission_check_the_source_is_still_allowed_as_rds_descri
             step()
     assert rds.describe_instance(client, "orders-db") is not None
     assert client.describe_db_snapshots(DBInstanceIdentifier="orders-db", SnapshotType="manual")["DBSnapshots"] == []
+
+
+def test_configure_reboots_the_source_while_the_target_is_created_and_waits_for_its_reboot_first(build):
+    """Both instances move on in each try: the source's reboot passes while the target is still being created.
+    The source's wait comes first, so that it is looked at again only once its parameters are in-sync."""
+    topo, make = build
+    upgrade = make()
+    with SlowRds(topo.moto_url, create_seconds=60, reboot_seconds=2) as slow:
+        upgrade.rds_client = aws.client("rds", slow.url)
+        upgrade.preflight()
+        upgrade.provision_target()
+        source, target = upgrade.source.identifier, upgrade.target_id
+
+        first = upgrade.configure_parameters()
+        assert (first.identifier, first.until) == (source, rds.IN_SYNC), first
+        assert rds.describe_instance(upgrade.rds_client, target).status == "creating"
+        deadline = time.monotonic() + 30
+        while (info := rds.describe_instance(upgrade.rds_client, source)).status != "available":
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
+
+        second = upgrade.configure_parameters()
+        assert (second.identifier, second.until) == (target, rds.AVAILABLE), second
+        assert [action for _, action in slow.calls].count("RebootDBInstance") == 1, "the source is rebooted once"
+
+
+def test_a_target_that_failed_stops_configure_before_the_source_is_touched(build):
+    topo, make = build
+    upgrade = make()
+    with SlowRds(topo.moto_url, create_seconds=0) as slow:
+        upgrade.rds_client = aws.client("rds", slow.url)
+        upgrade.preflight()
+        upgrade.provision_target()
+        slow.busy_until[upgrade.target_id] = ("failed", time.monotonic() + 60)
+        provisioned = len(slow.calls)
+
+        with pytest.raises(rds.RdsError, match=f"{upgrade.target_id} is in state 'failed'"):
+            upgrade.configure_parameters()
+    changes = {"ModifyDBInstance", "RebootDBInstance", "CopyDBParameterGroup", "ModifyDBParameterGroup"}
+    source_changes = [action for _, action in slow.calls[provisioned:] if action in changes]
+    assert source_changes == [], source_changes
