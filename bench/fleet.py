@@ -522,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
             max_active_runs = airflow.api("GET", f"dags/{UPGRADE}/details").get("max_active_runs")
             print(f"Airflow up at {airflow.url} after {time.monotonic() - started:.1f} s "
                   f"(DAG max_active_runs {max_active_runs})", flush=True)
+            warm_up(airflow, conf(topo, zone_id, (single or fleet)[0], args))
             if single:
-                warm_up(airflow, conf(topo, zone_id, single[0], args))
                 results["single"] = measure(airflow, topo, slow, zone_id, single, args, "single")
                 print(describe("single", results["single"]), flush=True)
             results["fleet"] = measure(airflow, topo, slow, zone_id, fleet, args, "fleet")
