@@ -91,6 +91,14 @@ class Upgrade:
     def _target_if_exists(self) -> rds.InstanceInfo | None:
         return self._known("target", self.target_id) or rds.describe_instance(self.rds_client, self.target_id)
 
+    def _source_now(self) -> rds.InstanceInfo | None:
+        """The source as RDS describes it now (None once deleted), refused if the deployment no longer allows it
+        (its tags may have changed since the run recorded it): for the steps that end the way back to it."""
+        found = rds.describe_instance(self.rds_client, self.request.source_instance)
+        if found is not None:
+            self._check_allowed(found)
+        return found
+
     def _known(self, role: str, identifier: str) -> rds.InstanceInfo | None:
         info = self.known_instances.get(role)
         return info if info is not None and info.identifier == identifier else None
@@ -552,10 +560,8 @@ class Upgrade:
         if self.request.decommission != "delete":
             emit("detach_skipped", reason="decommission is 'keep': the old node stays attached for rollback")
             return {"skipped": True}
-        found = rds.describe_instance(self.rds_client, self.request.source_instance)
-        if found is None:
+        if self._source_now() is None:  # checked now: from here on the old node cannot take writes back
             return {"detached": self.request.source_identifier, "already": True}
-        self._check_allowed(found)  # as RDS describes it now: from here on the old node cannot take writes back
         with self.acting(halted) as source:
             state = switch_state.read(source, self.key)
             if state is None or state.writer != "target" or not (state.settled or state.direction == DETACH):
@@ -572,9 +578,7 @@ class Upgrade:
         if self.request.decommission != "delete":
             emit("decommission_skipped", reason="decommission is 'keep'", source=self.request.source_identifier)
             return {"skipped": True, "source": self.request.source_identifier}
-        found = rds.describe_instance(self.rds_client, self.request.source_instance)
-        if found is not None:
-            self._check_allowed(found)  # as RDS describes it now, before it is deleted
+        self._source_now()  # checked now, before it is deleted
         result = rds.decommission(self.rds_client, self.request.source_identifier, final_snapshot_id=snapshot_id)
         if not isinstance(result, rds.Wait):
             emit("source_decommissioned", source=self.request.source_identifier, snapshot=snapshot_id)
