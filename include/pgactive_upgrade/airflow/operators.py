@@ -52,9 +52,7 @@ class UpgradeStepOperator(BaseOperator):
 
     def run_step(self, upgrade: Upgrade, context) -> Any:
         source = upgrade.request.source_identifier
-        refuse_plan_only(upgrade.request, self.task_id)
-        state.check_not_halted(context, source)
-        state.record_step(context, source, self.task_id, "running")
+        self.begin(upgrade, context)
         result = self.step(upgrade, context)
         if isinstance(result, rds.Wait):  # an instance is busy: wait in the triggerer, then run the step again
             emit("waiting_for_rds", instance=result.identifier, until=result.until, why=result.why)
@@ -65,6 +63,12 @@ class UpgradeStepOperator(BaseOperator):
                        method_name="resume_after_wait")
         state.record_step(context, source, self.task_id, "done", **self.progress_fields(result))
         return result
+
+    def begin(self, upgrade: Upgrade, context) -> None:
+        """Refuses a plan_only or halted run, then records the step as running."""
+        refuse_plan_only(upgrade.request, self.task_id)
+        state.check_not_halted(context, upgrade.request.source_identifier)
+        state.record_step(context, upgrade.request.source_identifier, self.task_id, "running")
 
     def resume_after_wait(self, context, event: dict[str, Any] | None = None) -> Any:
         event = checked_event(event, "success", "error")
@@ -377,9 +381,7 @@ class PhaseHealthCheckOperator(UpgradeStepOperator):
     def execute(self, context) -> Any:
         upgrade = upgrade_from(context, recorded_instances=True)
         request = upgrade.request
-        refuse_plan_only(request, self.task_id)
-        state.check_not_halted(context, request.source_identifier)
-        state.record_step(context, request.source_identifier, self.task_id, "running")
+        self.begin(upgrade, context)
         if not self._just_shifted(context):
             self._hold_phase_split(upgrade, context)
         if request.phase_settle_seconds > 0:  # the split settles while the task waits in the triggerer
