@@ -27,7 +27,7 @@ from psycopg2 import sql
 
 from topology import Ports, Topology, aws, seed
 from topology.airflow_local import COMPONENTS as AIRFLOW_COMPONENTS
-from topology.airflow_local import PRELOAD_SETTINGS, AirflowApiError, LocalAirflow, compile_bytecode
+from topology.airflow_local import FLEET_SETTINGS, AirflowApiError, LocalAirflow, compile_bytecode
 from topology.airflow_metadb import provision_metadata_db
 from topology.postgres import HOST
 from topology.slow_rds import SlowRds
@@ -449,7 +449,7 @@ def local_airflow(topo: Topology, env: dict[str, str], metadata_db, pool_slots: 
     if pool_slots:
         env = {**env, "PGACTIVE_UPGRADE_POOL": STEP_POOL}
     if preload:
-        env = {**env, **PRELOAD_SETTINGS}
+        env = {**env, **FLEET_SETTINGS}
     if runs_per_loop:
         env = {**env, "AIRFLOW__SCHEDULER__MAX_DAGRUNS_PER_LOOP_TO_SCHEDULE": str(runs_per_loop)}
     if idle_sleep:
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-sleep", type=float, default=0,
                         help="seconds the scheduler sleeps after a loop that queued nothing (0: Airflow's 1 s)")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
-                        help="task processes import every module themselves (no forkserver preload)")
+                        help="task processes import every module and parse AWS data themselves (no FLEET_SETTINGS)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="no bytecode compiled for include/, dags/ and plugins/ beforehand (as an image build does)")
     parser.add_argument("--keep-up", action="store_true", help="leave Airflow and the topology running at the end")
@@ -558,7 +558,7 @@ def summary(args: argparse.Namespace, results: dict[str, dict], max_active_runs)
         "retried_tasks": fleet.get("retried_tasks"),
         "dag_max_active_runs": max_active_runs,
         "pool_slots": args.pool_slots or None,
-        "preload": PRELOAD_SETTINGS if args.preload else None,
+        "preload": FLEET_SETTINGS if args.preload else None,
         "scheduler_runs_per_loop": args.runs_per_loop or 20,
         "scheduler_idle_sleep_s": args.idle_sleep or 1.0,
         "bytecode_compiled": args.compile,

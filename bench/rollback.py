@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg2
 
 from topology import Ports, Topology
-from topology.airflow_local import PRELOAD_SETTINGS, AirflowApiError, LocalAirflow, compile_bytecode
+from topology.airflow_local import FLEET_SETTINGS, AirflowApiError, LocalAirflow, compile_bytecode
 from topology.demo import demo_conf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def local_airflow(topo: Topology, preload: bool) -> LocalAirflow:
         plugins_folder=REPO / "plugins",
         port=topo.ports.airflow_api,
         extra_env={**topo.airflow_connections_env(), "PGU_PG_BIN_DIRS": str(topo.new_pg.bin_dir),
-                   **(PRELOAD_SETTINGS if preload else {})},
+                   **(FLEET_SETTINGS if preload else {})},
         python_paths=[REPO / "include", REPO],
     )
 
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             if airflow is not None:
                 airflow.stop()
             topo.down()
-    result = {**summary(runs), "preload": PRELOAD_SETTINGS if args.preload else None, "bytecode_compiled": args.compile}
+    result = {**summary(runs), "preload": FLEET_SETTINGS if args.preload else None, "bytecode_compiled": args.compile}
     print(json.dumps(result), flush=True)
     return 0 if runs and not result["problems"] and not result["not_returned"] else 1
 

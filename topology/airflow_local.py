@@ -61,10 +61,12 @@ TASK_DEFERRED_EVENT = "Pausing task as DEFERRED"
 TRIGGER_STARTING_EVENT = re.compile(r"^trigger .+ \(ID \d+\) starting$")
 STOP_GRACE_SECONDS = 15.0
 # README "A fleet of upgrades on one Airflow": the LocalExecutor's workers start from a forkserver that has imported
-# what every step needs (include/pgactive_upgrade/airflow/preload.py); each task process inherits it.
-PRELOAD_SETTINGS = {
+# what every step needs (include/pgactive_upgrade/airflow/preload.py), and AWS sessions share botocore's data parsed
+# there (include/pgactive_upgrade/airflow/aws_session.py); each task process inherits both.
+FLEET_SETTINGS = {
     "AIRFLOW__SCHEDULER__MP_START_METHOD": "forkserver",
     "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD": "pgactive_upgrade.airflow.preload",
+    "AIRFLOW__AWS__SESSION_FACTORY": "pgactive_upgrade.airflow.aws_session.SharedDataSessionFactory",
 }
 TASK_GRACE_SECONDS = 5.0
 

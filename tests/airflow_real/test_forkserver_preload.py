@@ -13,13 +13,13 @@ import pytest
 
 from tests.airflow_real.runs import UPGRADE, run_whole_upgrade
 from tests.conftest import reset_topology
-from topology.airflow_local import PRELOAD_SETTINGS, LocalAirflow
+from topology.airflow_local import FLEET_SETTINGS, LocalAirflow
 from topology.procs import pid_cmdline
 
 pytestmark = [pytest.mark.integration, pytest.mark.airflow]
 
 REPO = Path(__file__).resolve().parents[2]
-PRELOAD = PRELOAD_SETTINGS["AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD"]
+PRELOAD = FLEET_SETTINGS["AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def preloading_airflow(topology, tmp_path_factory):
         plugins_folder=REPO / "plugins",
         port=topology.ports.airflow_api + 3,  # the shared Airflow has + 1, the Celery one + 2
         extra_env={**topology.airflow_connections_env(), "PGU_PG_BIN_DIRS": str(topology.new_pg.bin_dir),
-                   **PRELOAD_SETTINGS},
+                   **FLEET_SETTINGS},
         python_paths=[REPO / "include", REPO],
     )
     try:

@@ -24,6 +24,12 @@ from airflow.sdk import BaseSensorOperator, task_group  # noqa: F401
 from airflow.sdk.execution_time import supervisor, task_runner  # noqa: F401
 from airflow.dag_processing import dagbag  # noqa: F401
 
+# Sessions made by the shared-data factory (aws_session.py, when the deployment sets it) read botocore's endpoint and
+# service files parsed here, once, instead of parsing them again in every task process.
+from pgactive_upgrade.airflow import aws_session  # noqa: E402
+
+aws_session.parse_service_data()
+
 # Each AWS client the hooks make walks the call stack to name its caller (the provider's user agent), and the first
 # walk in a process maps every loaded module to its file: about 0.07 s of CPU per task process, done once here.
 inspect.getmodule(None, _filename="<preload: map loaded modules to files>")
