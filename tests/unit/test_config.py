@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from airflow.sdk import Param
@@ -487,6 +488,39 @@ def test_form_marks_only_the_required_fields_and_groups_them(params):
     assert required == {name for name, spec in FIELDS.items() if spec["default"] is REQUIRED}
     assert len({param.schema["section"] for param in params.values()}) >= 5
     assert "Example: " in params["source_instance"].description
+
+
+def test_copies_of_the_params_share_the_schema_and_keep_their_own_value(params):
+    """Airflow deep-copies the DAG's params into every operator: the copies share the schema (cheap), never a value."""
+    copies = copy.deepcopy(params)
+    for name, param in params.items():
+        clone = copies[name]
+        assert type(clone) is Param, "Airflow serializes only plain Params"
+        assert clone is not param and clone.schema is param.schema
+        assert clone.value == param.value
+    assert copies["shift_percentages"].value is not params["shift_percentages"].value
+    copies["shift_percentages"].resolve([50])
+    assert params["shift_percentages"].value == FIELDS["shift_percentages"]["default"]
+    with pytest.raises(ParamValidationError, match="No value passed"):
+        copies["source_instance"].resolve()  # a required field stays without a default in every copy
+
+
+def test_every_task_of_the_dag_gets_the_params_as_airflow_serializes_them():
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.providers.standard.operators.hitl import HITLOperator
+    from airflow.serialization.serialized_objects import BaseSerialization
+
+    dag_file = Path(__file__).resolve().parents[2] / "dags" / "pgactive_rolling_upgrade.py"
+    dag = DagBag(dag_folder=str(dag_file)).dags["pgactive_rolling_upgrade"]
+    plain = {name: copy.copy(param) for name, param in upgrade_params().items()}  # Param.__copy__: no hook
+    expected = BaseSerialization._serialize_params_dict(plain)
+    assert BaseSerialization._serialize_params_dict(dag.params) == expected
+    for task in dag.tasks:
+        if isinstance(task, HITLOperator):
+            continue  # a gate's params are the fields of its own form
+        assert [task.params.get_param(name).schema for name in plain] == [p.schema for p in plain.values()], task
+        assert BaseSerialization._serialize_params_dict(task.params) == [
+            (name, {**value, "source": "dag"}) for name, value in expected], task.task_id
 
 
 def test_null_from_the_form_means_the_default(params):

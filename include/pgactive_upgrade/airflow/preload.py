@@ -5,8 +5,9 @@ processes fork from (README: "A fleet of upgrades on one Airflow"):
     AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD=pgactive_upgrade.airflow.preload
 
 Each task process then inherits them instead of importing them again: about 0.6 s of CPU per step (bench/fleet.py;
-tests/unit/test_task_start_imports.py keeps this list complete). Only third-party modules: the package's own code
-is still read fresh by each task process, so a new version of it needs no restart.
+tests/unit/test_task_start_imports.py keeps this list complete). Only third-party modules, and the AWS session
+factory (aws_session.py, which the Amazon provider imports with its hooks when configured): the package's own code is
+still read fresh by each task process, so a new version of it needs no restart.
 """
 
 import inspect
