@@ -41,7 +41,7 @@ def _copies_share_the_schema(param: Param) -> None:
         clone.value = copy.deepcopy(param.value, memo) if param.has_value else param.value
         return clone
 
-    setattr(param, "__deepcopy__", deepcopy)  # copy.deepcopy looks the hook up on the instance
+    param.__deepcopy__ = deepcopy  # type: ignore[attr-defined]  # copy.deepcopy looks it up on the instance
 
 
 def _description(spec: dict) -> str:
