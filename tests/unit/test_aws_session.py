@@ -30,7 +30,10 @@ sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "op
                  else None)
 rds = RdsHook(aws_conn_id="fleet_aws").conn
 route53 = base_aws.AwsBaseHook(aws_conn_id="fleet_aws", client_type="route53").get_conn()
+search_paths = [len(RdsHook(aws_conn_id="fleet_aws").get_session()._session.get_component("data_loader").search_paths)
+                for _ in range(5)]
 print(json.dumps({
+    "search_paths": search_paths,
     "factory": base_aws.SessionFactory.__name__,
     "shared_loader": RdsHook(aws_conn_id="fleet_aws").get_session()._session.get_component("data_loader")
                      is aws_session.DATA_LOADER,
@@ -58,6 +61,7 @@ def test_clients_of_a_task_process_read_no_botocore_data_file_after_the_preload(
     assert step["endpoint"] == "http://127.0.0.1:9", "the connection's endpoint_url still applies"
     assert step["route53_region"] == "us-east-1"
     assert step["data_files_read"] == []
+    assert len(set(step["search_paths"])) == 1, f"each session grew the shared loader's search path: {step}"
 
 
 def test_without_the_factory_every_session_parses_the_data_files_again():

@@ -34,7 +34,9 @@ def _copies_share_the_schema(param: Param) -> None:
     """Airflow deep-copies the DAG's params into every operator it builds, in every task process that parses the DAG:
     39 copies of 41 params per parse of the upgrade DAG, about 50 ms of CPU per step (bench/fleet.py). Nothing
     modifies a schema, so the copies share it; each copy keeps a value of its own, as Param.resolve sets it. Still a
-    plain Param (Airflow serializes only those), with the copy made through Param.__copy__."""
+    plain Param (Airflow serializes only those, through value, description, schema and source), with the copy made
+    through Param.__copy__. The hook is an attribute of the DAG's own Params: Param.dump() lists it, and they no longer
+    pickle; Airflow 3.3 does neither with them."""
 
     def deepcopy(memo: dict) -> Param:
         clone = copy.copy(param)

@@ -27,7 +27,7 @@ from airflow.dag_processing import dagbag  # noqa: F401
 
 # Sessions made by the shared-data factory (aws_session.py, when the deployment sets it) read botocore's endpoint and
 # service files parsed here, once, instead of parsing them again in every task process.
-from pgactive_upgrade.airflow import aws_session  # noqa: E402
+from pgactive_upgrade.airflow import aws_session  # noqa: E402  # after base_aws, which imports it when configured
 
 aws_session.parse_service_data()
 
