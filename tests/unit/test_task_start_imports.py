@@ -66,3 +66,15 @@ def test_the_preload_maps_loaded_modules_to_files_for_the_aws_hooks_caller_looku
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
                          cwd=REPO, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_the_preload_freezes_what_it_made_so_task_processes_never_collect_it():
+    """Airflow freezes the scheduler's objects before it forks workers itself; from a forkserver the preload must:
+    otherwise every task process's full garbage collection walks the whole preloaded heap."""
+    script = ("import gc, pgactive_upgrade.airflow.preload\n"
+              "print(gc.get_freeze_count(), len(gc.get_objects()))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "include")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=REPO, timeout=120)
+    frozen, collectable = map(int, out.stdout.strip().splitlines()[-1].split())
+    assert frozen > 100_000 and collectable < frozen // 100, (frozen, collectable)
