@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,21 +42,53 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 """
 
 
-def test_the_preload_module_holds_every_third_party_module_a_step_imports():
-    """With the preload (README: a fleet of upgrades), a task process imports only the package's own code."""
+def test_the_preload_module_holds_every_module_a_step_imports_while_it_parses_the_dag():
+    """With the preload (README: a fleet of upgrades), a task process imports nothing to parse the DAG file: not the
+    third-party modules, not the package's own code."""
+    assert "pgactive_upgrade.upgrade" in modules_added("import airflow", STEP_IMPORTS), "the control, without it"
     added = modules_added("import pgactive_upgrade.airflow.preload", STEP_IMPORTS)
-    assert "pgactive_upgrade.upgrade" in added
-    others = sorted(m for m in added if not m.startswith(("pgactive_upgrade", "dag_file"))
-                    and m.split(".")[0] not in sys.stdlib_module_names)
+    others = sorted(m for m in added if m.split(".")[0] not in sys.stdlib_module_names)
     assert others == [], f"imported by a step although not preloaded: {others}"
 
 
-def test_the_preload_module_imports_none_of_the_package_own_code_but_the_aws_session_factory():
-    """A new version of the package then needs no restart: each task process reads it fresh. The session factory is
-    the exception, as any class Airflow's configuration names: the Amazon provider imports it with its hooks."""
-    added = modules_added("import airflow", "import pgactive_upgrade.airflow.preload")
-    own = sorted(m for m in added if m.startswith("pgactive_upgrade.") and m != "pgactive_upgrade.airflow.preload")
-    assert own == ["pgactive_upgrade.airflow", "pgactive_upgrade.airflow.aws_session"], own
+CHANGED_CODE = """
+import os, sys
+import pgactive_upgrade.airflow.preload
+
+def forked(probe):
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(writer, repr(probe()).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(writer)
+    return os.read(reader, 1000).decode()
+
+def probe():
+    kept = "pgactive_upgrade.plan" in sys.modules
+    import pgactive_upgrade.plan
+    return kept, getattr(pgactive_upgrade.plan, "NEW_VERSION", None)
+
+print(forked(probe))
+with open(pgactive_upgrade.plan.__file__, "a") as plan_file:  # a new version deployed, nothing restarted
+    plan_file.write("\\nNEW_VERSION = 2\\n")
+print(forked(probe))
+print(repr(probe()))
+"""
+
+
+def test_a_process_forked_after_the_package_changed_imports_the_new_version(tmp_path):
+    """The preload holds the package's own code, yet a new version of it needs no restart: every process forked after
+    a file changed forgets the preloaded package (own_code.py). On a copy of the package, changed between forks."""
+    shutil.copytree(REPO / "include" / "pgactive_upgrade", tmp_path / "pgactive_upgrade")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    out = subprocess.run([sys.executable, "-c", CHANGED_CODE], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path, timeout=120)
+    before, after, preloading_process = out.stdout.strip().splitlines()[-3:]
+    assert before == "(True, None)", "unchanged: the forked process keeps the preloaded package"
+    assert after == "(False, 2)", "changed: the forked process imports the new version"
+    assert preloading_process == "(True, None)", "the preloading process itself keeps what it imported"
 
 
 def test_the_preload_maps_loaded_modules_to_files_for_the_aws_hooks_caller_lookup():

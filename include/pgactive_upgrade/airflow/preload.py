@@ -5,9 +5,8 @@ processes fork from (README: "A fleet of upgrades on one Airflow"):
     AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD=pgactive_upgrade.airflow.preload
 
 Each task process then inherits them instead of importing them again: about 0.6 s of CPU per step (bench/fleet.py;
-tests/unit/test_task_start_imports.py keeps this list complete). Only third-party modules, and the AWS session
-factory (aws_session.py, which the Amazon provider imports with its hooks when configured): the package's own code is
-still read fresh by each task process, so a new version of it needs no restart.
+tests/unit/test_task_start_imports.py keeps this list complete). The package's own code too, read afresh by every
+process forked after a file of it changed (own_code.py), so a new version of it needs no restart.
 """
 
 import gc
@@ -31,6 +30,12 @@ from airflow.dag_processing import dagbag  # noqa: F401
 from pgactive_upgrade.airflow import aws_session  # noqa: E402  # after base_aws, which imports it when configured
 
 aws_session.parse_service_data()
+
+# The package's own code, as the DAG files import it; read afresh after it changes (own_code.py).
+from pgactive_upgrade.airflow import own_code  # noqa: E402
+
+own_code.preload(("pgactive_upgrade.airflow.operators", "pgactive_upgrade.airflow.gates",
+                  "pgactive_upgrade.airflow.callbacks", "pgactive_upgrade.airflow.params"))
 
 # Each AWS client the hooks make walks the call stack to name its caller (the provider's user agent), and the first
 # walk in a process maps every loaded module to its file: about 0.07 s of CPU per task process, done once here.
