@@ -52,10 +52,10 @@ def test_the_preload_module_holds_every_module_a_step_imports_while_it_parses_th
 
 
 CHANGED_CODE = """
-import os, sys
+import os, shutil, sys
 import pgactive_upgrade.airflow.preload
 
-def forked(probe):
+def forked():
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -70,10 +70,18 @@ def probe():
     import pgactive_upgrade.plan
     return kept, getattr(pgactive_upgrade.plan, "NEW_VERSION", None)
 
-print(forked(probe))
-with open(pgactive_upgrade.plan.__file__, "a") as plan_file:  # a new version deployed, nothing restarted
-    plan_file.write("\\nNEW_VERSION = 2\\n")
-print(forked(probe))
+plan = pgactive_upgrade.plan.__file__
+print(forked())
+shutil.copy(plan, plan + ".new")
+os.replace(plan + ".new", plan)  # the same content in a new file (a git-sync swap): nothing changed
+print(forked())
+status = os.stat(plan)
+with open(plan, "r+") as plan_file:  # a new version of the same size and mtime (rsync --inplace -t)
+    text = plan_file.read()
+    plan_file.seek(0)
+    plan_file.write(text[:-17] + "\\nNEW_VERSION = 2\\n")
+os.utime(plan, ns=(status.st_atime_ns, status.st_mtime_ns))
+print(forked())
 print(repr(probe()))
 """
 
@@ -82,13 +90,33 @@ def test_a_process_forked_after_the_package_changed_imports_the_new_version(tmp_
     """The preload holds the package's own code, yet a new version of it needs no restart: every process forked after
     a file changed forgets the preloaded package (own_code.py). On a copy of the package, changed between forks."""
     shutil.copytree(REPO / "include" / "pgactive_upgrade", tmp_path / "pgactive_upgrade")
+    plan = tmp_path / "pgactive_upgrade" / "plan.py"
+    plan.write_text(plan.read_text() + "\n" + "#" * 40 + "\n")  # room for the same-size change
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     out = subprocess.run([sys.executable, "-c", CHANGED_CODE], env=env, capture_output=True, text=True, check=True,
                          cwd=tmp_path, timeout=120)
-    before, after, preloading_process = out.stdout.strip().splitlines()[-3:]
-    assert before == "(True, None)", "unchanged: the forked process keeps the preloaded package"
-    assert after == "(False, 2)", "changed: the forked process imports the new version"
+    unchanged, same_content, new_version, preloading_process = out.stdout.strip().splitlines()[-4:]
+    assert unchanged == "(True, None)", "unchanged: the forked process keeps the preloaded package"
+    assert same_content == "(True, None)", "a new file with the same content changes nothing"
+    assert new_version == "(False, 2)", "changed, even with the same size and mtime: the new version is imported"
     assert preloading_process == "(True, None)", "the preloading process itself keeps what it imported"
+
+
+def test_a_preload_that_fails_half_way_keeps_none_of_the_modules_it_got_through(tmp_path):
+    """A deploy half done when the scheduler starts: the preload must not keep the modules it got through."""
+    shutil.copytree(REPO / "include" / "pgactive_upgrade", tmp_path / "pgactive_upgrade")
+    gates = tmp_path / "pgactive_upgrade" / "airflow" / "gates.py"
+    gates.write_text(gates.read_text() + "\nimport a_module_the_new_version_needs_but_is_not_there_yet\n")
+    script = ("import sys, pgactive_upgrade.airflow.preload\n"
+              "print(sorted(m for m in sys.modules if m.startswith('pgactive_upgrade.')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "not preloaded, each task process imports it" in out.stderr
+    preloading_process_holds = out.stdout.strip().splitlines()[-1]
+    assert preloading_process_holds == repr(["pgactive_upgrade.airflow", "pgactive_upgrade.airflow.own_code",
+                                              "pgactive_upgrade.airflow.preload"]), "only the preload itself"
 
 
 def test_the_preload_maps_loaded_modules_to_files_for_the_aws_hooks_caller_lookup():
