@@ -5,9 +5,8 @@
 Each new boto3 session parses botocore's endpoint and service JSON files again: 0.06 to 0.2 s of CPU, and every step
 that calls RDS or Route 53 makes one, about a quarter of a short step's CPU (bench/fleet.py). The Amazon provider
 already gives all its async sessions one loader; this factory does the same for the sync sessions it makes from a
-connection's keys or the default credential chain. With the forkserver
-preload (README: "A fleet of upgrades"), the files are parsed once, in the forkserver, and every task process
-inherits them parsed.
+connection's keys or the default credential chain. With the forkserver preload (README: "A fleet of upgrades"), the
+files are parsed once, in the forkserver, and every task process inherits them parsed.
 
 Sessions made from a connection with `role_arn` (assume role) or from no connection at all are made as before, each
 with a loader of its own. The shared loader's search path is the default profile's (`AWS_DATA_PATH` included), as the

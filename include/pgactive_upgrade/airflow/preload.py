@@ -1,5 +1,5 @@
-"""The third-party modules an upgrade step imports, for a deployment to preload in the processes its task
-processes fork from (README: "A fleet of upgrades on one Airflow"):
+"""The modules an upgrade step imports, for a deployment to preload in the processes its task processes fork
+from (README: "A fleet of upgrades on one Airflow"):
 
     AIRFLOW__SCHEDULER__MP_START_METHOD=forkserver
     AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD=pgactive_upgrade.airflow.preload
@@ -43,7 +43,7 @@ inspect.getmodule(None, _filename="<preload: map loaded modules to files>")
 
 # Last: with the fork start method Airflow freezes the scheduler's objects before it forks its workers
 # (LocalExecutor._spawn_workers_with_gc_freeze); with the forkserver they fork from here instead. Frozen, what the
-# preload made is left out of every task process's garbage collections (a full one over it cost about 0.2 s of CPU)
+# preload made is left out of every task process's garbage collections (a full one over it costs about 0.2 s of CPU)
 # and its memory pages stay shared. Collected first: garbage frozen would stay for the life of every process.
 gc.collect()
 gc.freeze()
