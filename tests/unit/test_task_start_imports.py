@@ -102,6 +102,37 @@ def test_a_process_forked_after_the_package_changed_imports_the_new_version(tmp_
     assert preloading_process == "(True, None)", "the preloading process itself keeps what it imported"
 
 
+SWAPPED_LINK = """
+import os, sys
+import pgactive_upgrade.airflow.preload
+
+reader, writer = os.pipe()
+os.replace(sys.argv[1], sys.argv[2])  # git-sync: the link now leads to the new version; the old one stays on disk
+if os.fork() == 0:
+    import pgactive_upgrade.plan
+    os.write(writer, repr(getattr(pgactive_upgrade.plan, "NEW_VERSION", None)).encode())
+    os._exit(0)
+os.wait()
+print(os.read(reader, 100).decode())
+"""
+
+
+def test_a_process_forked_after_a_git_sync_swap_imports_the_version_the_link_leads_to(tmp_path):
+    """Deployed by swapping a symlink (git-sync), the old version still on disk: the package is compared through the
+    path it was imported by, so the new version is seen."""
+    for version in ("v1", "v2"):
+        shutil.copytree(REPO / "include" / "pgactive_upgrade", tmp_path / version / "pgactive_upgrade")
+    plan = tmp_path / "v2" / "pgactive_upgrade" / "plan.py"
+    plan.write_text(plan.read_text() + "\nNEW_VERSION = 2\n")
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    (tmp_path / "next").symlink_to(tmp_path / "v2")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "current"), str(REPO)])}
+    out = subprocess.run([sys.executable, "-c", SWAPPED_LINK, str(tmp_path / "next"), str(tmp_path / "current")],
+                         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "2"
+
+
 def test_a_preload_that_fails_half_way_keeps_none_of_the_modules_it_got_through(tmp_path):
     """A deploy half done when the scheduler starts: the preload must not keep the modules it got through."""
     shutil.copytree(REPO / "include" / "pgactive_upgrade", tmp_path / "pgactive_upgrade")

@@ -23,7 +23,8 @@ from pathlib import Path
 PACKAGE = "pgactive_upgrade"
 # While the preload runs: the module being imported and its packages (importlib needs it in sys.modules at its end)
 IMPORTING = (PACKAGE, f"{PACKAGE}.airflow", f"{PACKAGE}.airflow.preload", __name__)
-FOLDER = Path(__file__).resolve().parents[1]
+# As imported, not resolved: after a git-sync swap of the symlink, the path leads to the new version's files.
+FOLDER = Path(__file__).absolute().parents[1]
 # each file of the package -> (what os.stat said, a digest of its content), taken before the preload imported it
 _preloaded: dict[str, tuple[tuple[int, ...], str | None]] = {}
 
